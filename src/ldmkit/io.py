@@ -1,0 +1,45 @@
+"""Atomic file writes: a reader never sees a half-written output or checkpoint.
+
+Everything is written to a temporary file in the destination folder, flushed to disk, then renamed over
+the destination (rename is atomic on POSIX and Windows within one filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success it replaces ``dest``, on error it is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(dest: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` and move the result onto ``dest`` atomically."""
+    with atomic_path(dest) as tmp:
+        write(tmp)
+
+
+def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
+    atomic_write(dest, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
+    atomic_write(dest, lambda p: p.write_bytes(data))

@@ -1,0 +1,1 @@
+"""Finding and reading weights: Hub resolution, the diffusers layout, original CompVis checkpoints."""
