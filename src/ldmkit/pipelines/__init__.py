@@ -1,0 +1,9 @@
+"""Pipelines: one file per task, plus the base class."""
+
+from .pipeline_latent_diffusion import LDMTextToImagePipeline
+from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+
+# Pipelines that model_index.json's _class_name may name (DiffusionPipeline.from_pretrained dispatches here).
+PIPELINE_NAMES = ["LDMTextToImagePipeline"]
+
+__all__ = ["DiffusionPipeline", "ImagePipelineOutput", *PIPELINE_NAMES]

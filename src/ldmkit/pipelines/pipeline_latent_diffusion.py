@@ -1,0 +1,191 @@
+"""Text-to-image latent diffusion (Rombach et al. 2022, Sec. 3.3 and 4.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..errors import LDMKitError
+from ..randomness import randn_tensor
+from .pipeline_utils import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    check_latents,
+    check_output_type,
+    check_sampling_args,
+    convert_images,
+    decode_latents,
+    step_kwargs,
+)
+
+
+def _as_prompt_list(prompt, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list | tuple) or not all(isinstance(p, str) for p in prompts):
+        raise LDMKitError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}.")
+    if len(prompts) == 0:
+        raise LDMKitError(f"{name} is an empty list: give at least one prompt.")
+    return list(prompts)
+
+
+class LDMTextToImagePipeline(DiffusionPipeline):
+    """Text-to-image LDM: LDMBert encodes the prompt, the UNet denoises latents with cross-attention,
+    the autoencoder decodes them.
+
+    Components (the folder names of CompVis/ldm-text2im-large-256): ``vqvae`` (an AutoencoderKL despite
+    the name), ``bert`` (LDMBertModel), ``tokenizer``, ``unet`` (UNet2DConditionModel), ``scheduler``.
+    """
+
+    def __init__(self, vqvae, bert, tokenizer, unet, scheduler):
+        super().__init__(vqvae=vqvae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+
+    @property
+    def max_length(self) -> int:
+        # Prompts are padded to the encoder's full length and the padding is attended, as in the original
+        # (and diffusers' hard-coded 77): the pad length changes the embedding, so it must be this one.
+        return self.bert.config.max_position_embeddings
+
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                return_tensors="pt")
+        return self.bert(tokens.input_ids.to(self.bert.device))[0]
+
+    def encode_prompt(self, prompt, num_images_per_prompt: int = 1, negative_prompt=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, need_uncond: bool = True,
+                      need_cond: bool = True):
+        """Return ``(cond, uncond)`` embeddings, each repeated ``num_images_per_prompt`` times (or None
+        where not needed). The unconditional text is ``negative_prompt``, or "" as the original."""
+        if prompt_embeds is None:
+            prompts = _as_prompt_list(prompt, "prompt")
+            for p in prompts:
+                if not p.strip() and need_cond:
+                    raise LDMKitError("prompt is empty: write a prompt (or use guidance_scale=0 for a sample "
+                                      "that ignores it).")
+        batch = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0]
+        if negative_prompt is not None:
+            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            if len(negatives) == 1 and batch > 1:
+                negatives = negatives * batch
+            if len(negatives) != batch:
+                raise LDMKitError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}: "
+                                  "give one negative prompt, or one per prompt.")
+        else:
+            negatives = [""] * batch
+
+        to_encode: list[str] = []
+        if prompt_embeds is None and need_cond:
+            to_encode += prompts
+        if negative_prompt_embeds is None and need_uncond:
+            to_encode += negatives
+        encoded = self._encode_text(to_encode) if to_encode else None  # one batched encoder call
+        cond = uncond = None
+        if need_cond:
+            cond = prompt_embeds if prompt_embeds is not None else encoded[:batch]
+        if need_uncond:
+            uncond = negative_prompt_embeds if negative_prompt_embeds is not None else encoded[-batch:]
+        for name, emb in (("prompt_embeds", cond), ("negative_prompt_embeds", uncond)):
+            if emb is not None and (emb.ndim != 3 or emb.shape[0] != batch
+                                    or emb.shape[-1] != self.unet.config.cross_attention_dim):
+                raise LDMKitError(f"{name} has shape {tuple(emb.shape)}; expected ({batch}, tokens, "
+                                  f"{self.unet.config.cross_attention_dim}).")
+        if cond is not None and uncond is not None and cond.shape != uncond.shape:
+            raise LDMKitError(f"prompt_embeds {tuple(cond.shape)} and negative_prompt_embeds "
+                              f"{tuple(uncond.shape)} must have the same shape.")
+
+        def repeat(e):
+            return None if e is None else e.repeat_interleave(num_images_per_prompt, dim=0)
+
+        return repeat(cond), repeat(uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+    ):
+        """Generate images from text.
+
+        Guidance is classifier-free (Ho & Salimans 2021): ``e = e_u + s (e_c - e_u)`` for every ``s >= 0``;
+        ``s == 1`` skips the unconditional pass and ``s == 0`` the conditional one.
+
+        ``callback_on_step_end(pipe, step_index, timestep, tensors)`` is called after every step with the
+        tensors named in ``callback_on_step_end_tensor_inputs``; a dict it returns replaces them.
+        Returns ``ImagePipelineOutput(images)`` (or a tuple if ``return_dict=False``); ``output_type`` is
+        "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
+        """
+        check_output_type(output_type)
+        if (prompt is None) == (prompt_embeds is None):
+            raise LDMKitError("Pass either prompt or prompt_embeds (exactly one of them).")
+        if guidance_scale is None or guidance_scale < 0:
+            raise LDMKitError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise LDMKitError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        factor = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+        if height <= 0 or width <= 0 or height % factor or width % factor:
+            raise LDMKitError(f"height and width must be positive multiples of {factor}, got {height}x{width}; "
+                              f"try {max(factor, round(height / factor) * factor)}x"
+                              f"{max(factor, round(width / factor) * factor)}.")
+        bad = set(callback_on_step_end_tensor_inputs) - {"latents", "noise_pred"}
+        if bad:
+            raise LDMKitError(f"callback_on_step_end_tensor_inputs may name latents, noise_pred; got {bad}.")
+
+        need_cond, need_uncond = guidance_scale != 0, guidance_scale != 1
+        cond, uncond = self.encode_prompt(prompt, num_images_per_prompt, negative_prompt, prompt_embeds,
+                                          negative_prompt_embeds, need_uncond=need_uncond, need_cond=need_cond)
+        context = torch.cat([uncond, cond]) if need_cond and need_uncond else (cond if need_cond else uncond)
+        batch = (cond if cond is not None else uncond).shape[0]
+        check_sampling_args(num_inference_steps, eta, generator, batch)
+
+        device, dtype = self.unet.device, context.dtype
+        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = check_latents(latents, shape, device, dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        extra = step_kwargs(self.scheduler, eta, generator)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = torch.cat([latents, latents]) if need_cond and need_uncond else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
+            if need_cond and need_uncond:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents, "noise_pred": noise_pred}
+                result = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                if result:
+                    latents = result.get("latents", latents)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            scale = self.vqvae.config.scaling_factor
+            images = convert_images(decode_latents(self.vqvae, latents, scale), output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,221 @@
+"""DiffusionPipeline: a bundle of components loaded from and saved to diffusers' folder layout."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LDMKitError
+from ..loading import diffusers_layout
+from ..models.modeling_utils import parse_dtype
+
+
+@dataclass
+class ImagePipelineOutput:
+    """``images``: a list of PIL images, a numpy array (N, H, W, C) in [0, 1], or a tensor (N, C, H, W)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+    def __getitem__(self, index):
+        return (self.images,)[index]
+
+
+def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """(N, H, W, C) floats in [0, 1] -> PIL images (rounded as diffusers does)."""
+    if images.ndim == 3:
+        images = images[None]
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [PIL.Image.fromarray(im[..., 0], mode="L") for im in images]
+    return [PIL.Image.fromarray(im) for im in images]
+
+
+def convert_images(images: torch.Tensor, output_type: str):
+    """Convert decoded images (N, C, H, W) in [0, 1] to the requested output type."""
+    if output_type == "pt":
+        return images
+    array = images.float().cpu().permute(0, 2, 3, 1).numpy()
+    return numpy_to_pil(array) if output_type == "pil" else array
+
+
+def check_output_type(output_type: str, allowed=("pil", "np", "pt", "latent")) -> None:
+    if output_type not in allowed:
+        raise LDMKitError(f"output_type={output_type!r} is not supported; use one of {', '.join(allowed)}.")
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LDMKitError("CUDA was asked for but no CUDA GPU is available here; use device 'cpu'.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LDMKitError("MPS was asked for but is not available here; use device 'cpu'.")
+
+
+class DiffusionPipeline:
+    """Base of every pipeline.
+
+    Subclasses list their components in ``__init__``'s signature; those names are the folder names on disk.
+    """
+
+    def __init__(self, **components):
+        for name, component in components.items():
+            setattr(self, name, component)
+        self._progress_bar_config: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- components, device, dtype
+    @classmethod
+    def component_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The components by name, to build another pipeline that shares them: ``Other(**pipe.components)``."""
+        return {name: getattr(self, name) for name in self.component_names()}
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
+
+    @property
+    def device(self) -> torch.device:
+        for module in self._modules():
+            return module.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for module in self._modules():
+            return module.dtype
+        return torch.float32
+
+    def to(self, device=None, dtype=None):
+        """Move every network to ``device`` and/or cast it to ``dtype`` (positional order as diffusers)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        if device is not None:
+            device = torch.device(device)
+            check_device(device)
+        dtype = parse_dtype(dtype)
+        if dtype is not None and not dtype.is_floating_point:
+            raise LDMKitError(f"dtype {dtype} is not a floating type; use torch.float32, float16 or bfloat16.")
+        for module in self._modules():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for tqdm, e.g. ``disable=True``."""
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, iterable):
+        return tqdm(iterable, **self._progress_bar_config)
+
+    numpy_to_pil = staticmethod(numpy_to_pil)
+
+    # ----------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        variant: str | None = None,
+        **components,
+    ):
+        """Load a pipeline folder (diffusers layout) or Hub id; ``model_index.json`` says which pipeline.
+
+        Components passed by keyword are used as they are instead of being loaded (to share them).
+        """
+        folder, index = diffusers_layout.resolve_pipeline_folder(
+            name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        pipeline_cls = diffusers_layout.pipeline_class(index.get("_class_name"), folder)
+        if cls is not DiffusionPipeline and not issubclass(pipeline_cls, cls):
+            raise LDMKitError(f"{folder} holds a {pipeline_cls.__name__}, not a {cls.__name__}. "
+                              f"Load it with {pipeline_cls.__name__} or DiffusionPipeline.")
+        unknown = set(components) - set(pipeline_cls.component_names())
+        if unknown:
+            raise LDMKitError(f"{pipeline_cls.__name__} has no component(s) {sorted(unknown)}; "
+                              f"its components are {pipeline_cls.component_names()}.")
+        loaded = {}
+        for name in pipeline_cls.component_names():
+            if name in components:
+                loaded[name] = components[name]
+                continue
+            if name not in index:
+                raise LDMKitError(f"{folder}/model_index.json lists no {name!r}, which "
+                                  f"{pipeline_cls.__name__} needs. The folder is incomplete.")
+            loaded[name] = diffusers_layout.load_component(folder, name, index[name], torch_dtype, variant)
+        return pipeline_cls(**loaded)
+
+    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
+        """Write the pipeline in the diffusers layout (diffusers' from_pretrained reads it)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, component in self.components.items():
+            if isinstance(component, torch.nn.Module):
+                component.save_pretrained(folder / name, safe_serialization=safe_serialization)
+            else:
+                component.save_pretrained(folder / name)
+        diffusers_layout.write_model_index(folder, type(self).__name__, self.components)
+
+
+# --------------------------------------------------------------------- helpers shared by the pipelines
+def step_kwargs(scheduler, eta: float, generator) -> dict:
+    """The extra arguments ``scheduler.step`` takes: eta (DDIM only) and the generator for its noise.
+
+    diffusers' LDM pipelines never pass the generator, so eta > 0 draws from the global RNG and a seed
+    does not reproduce; here it always goes through.
+    """
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def check_sampling_args(num_inference_steps, eta, generator, batch_size: int) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise LDMKitError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+    if eta is None or eta < 0:
+        raise LDMKitError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta!r}.")
+    if isinstance(generator, list | tuple) and len(generator) != batch_size:
+        raise LDMKitError(f"Got {len(generator)} generators for {batch_size} images: pass one generator, or a "
+                          f"list of exactly {batch_size} (one per image).")
+
+
+def check_latents(latents: torch.Tensor, shape: tuple, device, dtype) -> torch.Tensor:
+    if not isinstance(latents, torch.Tensor):
+        raise LDMKitError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}.")
+    if tuple(latents.shape) != tuple(shape):
+        raise LDMKitError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)} "
+                          "(batch, latent channels, height / 8, width / 8).")
+    if not latents.dtype.is_floating_point:
+        raise LDMKitError(f"latents must be floating point, got {latents.dtype}.")
+    if not torch.isfinite(latents).all():
+        raise LDMKitError("latents contain NaN or infinite values.")
+    return latents.to(device=device, dtype=dtype)
+
+
+def decode_latents(decoder, latents: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode latents to images in [0, 1]: ``D(z / scale)`` then ``x / 2 + 0.5`` (the models work in [-1, 1]).
+
+    Half-precision decoders can overflow into NaN (black images); then decode again in float32.
+    """
+    image = decoder.decode(latents.to(decoder.dtype) / scale).sample
+    if decoder.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(image).all():
+        original = decoder.dtype
+        decoder.to(torch.float32)
+        try:
+            image = decoder.decode(latents.float() / scale).sample
+        finally:
+            decoder.to(original)
+    return (image.float() / 2 + 0.5).clamp(0, 1)
