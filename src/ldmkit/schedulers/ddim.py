@@ -24,8 +24,11 @@ def ddim_sigma(alpha_prod_t, alpha_prod_t_prev):
 
 def ddim_step(x0, eps, alpha_prod_t_prev, std_dev_t):
     """One DDIM update without its noise term (Song et al. 2021, eq. 12):
-    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps`` (the caller adds ``sigma_t z``)."""
-    direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
+    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps`` (the caller adds ``sigma_t z``).
+
+    ``1 - a_prev - sigma_t^2`` is exactly 0 at eta = 1 from a zero-SNR step (``a_t = 0``); rounding can make
+    it negative, so it is clamped at 0 (diffusers returns NaN there)."""
+    direction = torch.clamp(torch.as_tensor(1 - alpha_prod_t_prev - std_dev_t**2), min=0) ** (0.5) * eps
     return alpha_prod_t_prev ** (0.5) * x0 + direction
 
 

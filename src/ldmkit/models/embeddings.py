@@ -1,0 +1,62 @@
+"""Timestep embeddings: the sinusoidal encoding of the diffusion step and the MLP that follows it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .resnet import get_activation
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape ``(N,) -> (N, dim)``.
+
+    The Transformer position encoding (Vaswani et al. 2017, sec. 3.5) applied to the diffusion step, as in
+    DDPM (Ho et al. 2020, appendix B): frequencies ``max_period ** (-i / (half - downscale_freq_shift))``.
+    ``flip_sin_to_cos`` puts the cosines first (the order of the original LDM code, Rombach et al. 2022).
+    """
+    half = dim // 2
+    # Computed in float32 whatever the model dtype: large timesteps lose too much precision in half.
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(max_period))
+    freqs = torch.exp(exponent / (half - downscale_freq_shift))
+    args = timesteps[:, None].float() * freqs[None, :] * scale
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    if dim % 2:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class Timesteps(nn.Module):
+    """Parameter-free module wrapper of :func:`timestep_embedding` (diffusers' ``time_proj``)."""
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float):
+        super().__init__()
+        self.num_channels = num_channels
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on the sinusoidal embedding: ``linear_1 -> act -> linear_2`` (DDPM's ``temb`` dense layers)."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = get_activation(act_fn)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(sample)))

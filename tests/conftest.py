@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random pipelines built with diffusers' own classes (the reference)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A small WordPiece vocabulary: special tokens, letters, a few words and ##-pieces, punctuation, CJK.
+TINY_VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    + ["a", "painting", "of", "squirrel", "eating", "burger", "red", "square", "blue", "circle", "the", "cafe",
+       "##s", "##ing", "##ed", "photo", "cat", "dog", "green"]
+    + list(".,!?'\"-()") + ["中", "国", "猫"]
+)
+
+
+def write_vocab(path) -> str:
+    path.write_text("\n".join(TINY_VOCAB) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def build_diffusers_text2img(folder, seed: int = 0):
+    """A tiny LDMTextToImagePipeline made and saved by diffusers. Latent factor 8, like the published one."""
+    from diffusers import AutoencoderKL, DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from transformers import BertTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8)
+    bert = LDMBertModel(LDMBertConfig(d_model=32, encoder_attention_heads=2, head_dim=16, encoder_ffn_dim=37,
+                                      encoder_layers=2, vocab_size=len(TINY_VOCAB), max_position_embeddings=77))
+    # Random init leaves some weights at zero: give every parameter a visible value so parity means something.
+    for module in (unet, vae, bert):
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = BertTokenizer(write_vocab(folder / "vocab.txt"), model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tok, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+@pytest.fixture(scope="session")
+def tiny_text2img_dir(tmp_path_factory):
+    return build_diffusers_text2img(tmp_path_factory.mktemp("text2img"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test on any attempt to open a network connection."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "false"))

@@ -1,0 +1,294 @@
+"""ldmkit schedulers against diffusers 0.42.1: whole trajectories, same model outputs, same generator."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import diffusers
+import pytest
+import torch
+
+import ldmkit.schedulers as ls
+from ldmkit.errors import LDMKitError
+
+ATOL = RTOL = 1e-5
+C = 3
+
+
+def fake_model(x: torch.Tensor, t, out_channels: int = C) -> torch.Tensor:
+    """A fixed random linear "network" eps = f(x, t), identical for both libraries."""
+    g = torch.Generator().manual_seed(1234)
+    w = torch.randn(out_channels, x.shape[1], generator=g) * 0.3
+    b = torch.randn(out_channels, 1, 1, generator=g) * 0.1
+    tt = float(t) / 1000.0
+    out = torch.einsum("oc,bchw->bohw", w, x.float()) + b * (1 + tt) + 0.05 * torch.sin(x.float() * 3).sum(1, True)
+    if out_channels > x.shape[1]:  # learned variance: second half in [-1, 1]
+        out[:, x.shape[1]:] = torch.tanh(out[:, x.shape[1]:])
+    return out.to(x.dtype)
+
+
+def trajectory(scheduler, steps: int, *, seed: int = 0, out_channels: int = C, set_kwargs=None, **step_kwargs):
+    """Run a whole sampling loop; return every step's (prev_sample, pred_original_sample)."""
+    scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(42)) * scheduler.init_noise_sigma
+    gen = torch.Generator().manual_seed(seed)
+    outs = []
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        res = scheduler.step(fake_model(inp, t, out_channels), t, x, generator=gen, **step_kwargs)
+        x = res.prev_sample
+        outs.append((x, getattr(res, "pred_original_sample", None)))
+    outs.append((x, None))
+    return outs, [float(t) for t in scheduler.timesteps]
+
+
+def assert_same_trajectory(ours, theirs):
+    (a_out, a_ts), (b_out, b_ts) = ours, theirs
+    assert a_ts == b_ts
+    assert len(a_out) == len(b_out)
+    for i, ((a, a0), (b, b0)) in enumerate(zip(a_out, b_out)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"step {i}: {m}")
+        if a0 is not None and b0 is not None:
+            torch.testing.assert_close(a0, b0, atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"x0 at step {i}: {m}")
+    assert torch.isfinite(a_out[-1][0]).all()
+
+
+def compare(name, config, steps=6, step_kwargs=None, out_channels=C, set_kwargs=None):
+    ours = getattr(ls, name)(**config)
+    theirs = getattr(diffusers, name)(**config)
+    step_kwargs = step_kwargs or {}
+    a = trajectory(ours, steps, out_channels=out_channels, set_kwargs=set_kwargs, **step_kwargs)
+    b = trajectory(theirs, steps, out_channels=out_channels, set_kwargs=set_kwargs, **step_kwargs)
+    assert_same_trajectory(a, b)
+    return ours, theirs
+
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+# ---------------------------------------------------------------------------------------------------------
+# DDIM
+# ---------------------------------------------------------------------------------------------------------
+
+DDIM_CASES = [
+    {},
+    dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    dict(SD, clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction",
+         rescale_betas_zero_snr=True, steps_offset=1),
+    dict(timestep_spacing="linspace", prediction_type="sample", clip_sample_range=0.5),
+    dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
+    dict(beta_schedule="squaredcos_cap_v2", clip_sample=True),
+    dict(trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist()),
+]
+
+
+@pytest.mark.parametrize("config", DDIM_CASES)
+@pytest.mark.parametrize("eta", [0.0, 1.0, 0.3])
+def test_ddim_matches_diffusers(config, eta):
+    if config.get("rescale_betas_zero_snr") and eta == 1.0:
+        pytest.skip("diffusers gives NaN here (see test_ddim_zero_snr_eta_one_is_finite)")
+    compare("DDIMScheduler", config, step_kwargs=dict(eta=eta))
+
+
+def test_ddim_zero_snr_eta_one_is_finite():
+    # diffusers takes sqrt of a rounding-negative 1 - a_prev - sigma^2 here and returns NaN; ldmkit clamps at 0.
+    config = dict(SD, clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                  prediction_type="v_prediction")
+    outs, _ = trajectory(ls.DDIMScheduler(**config), 6, eta=1.0)
+    assert all(torch.isfinite(x).all() for x, _ in outs)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_ddim_step_counts(steps):
+    compare("DDIMScheduler", dict(SD, clip_sample=False), steps=steps, step_kwargs=dict(eta=0.5))
+
+
+def test_ddim_use_clipped_model_output():
+    compare("DDIMScheduler", dict(clip_sample_range=0.3), step_kwargs=dict(eta=0.5, use_clipped_model_output=True))
+
+
+def test_ddim_variance_noise_and_return_tuple():
+    ours, theirs = ls.DDIMScheduler(**SD), diffusers.DDIMScheduler(**SD)
+    for s in (ours, theirs):
+        s.set_timesteps(5)
+    x = torch.randn(1, C, 4, 4)
+    noise = torch.randn(1, C, 4, 4)
+    t = ours.timesteps[1]
+    a = ours.step(fake_model(x, t), t, x, eta=0.7, variance_noise=noise, return_dict=False)
+    b = theirs.step(fake_model(x, t), t, x, eta=0.7, variance_noise=noise, return_dict=False)
+    assert isinstance(a, tuple) and len(a) == 2
+    torch.testing.assert_close(a[0], b[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(a[1], b[1], atol=ATOL, rtol=RTOL)
+    with pytest.raises(LDMKitError, match="generator and variance_noise"):
+        ours.step(fake_model(x, t), t, x, eta=0.7, variance_noise=noise, generator=torch.Generator())
+
+
+def test_ddim_compvis_preset():
+    s = ls.DDIMScheduler.compvis()
+    assert s.config.steps_offset == 1 and s.config.set_alpha_to_one is False and s.config.clip_sample is False
+    s.set_timesteps(50)
+    assert s.timesteps[0] == 981 and s.timesteps[-1] == 1
+    assert s.final_alpha_cumprod == s.alphas_cumprod[0]
+    # The last step lands on alphas_cumprod[0], as ldm/models/diffusion/ddim.py does.
+    x, eps = torch.randn(1, C, 2, 2), torch.randn(1, C, 2, 2)
+    a_t, a_prev = s.alphas_cumprod[1], s.alphas_cumprod[0]
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(s.step(eps, 1, x).prev_sample, expected)
+    assert ls.DDIMScheduler.compvis(eta_unused_key=1, steps_offset=0).config.steps_offset == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDPM
+# ---------------------------------------------------------------------------------------------------------
+
+DDPM_CASES = [
+    ({}, C),
+    (dict(variance_type="fixed_small_log"), C),
+    (dict(variance_type="fixed_large", prediction_type="v_prediction", clip_sample=False), C),
+    (dict(variance_type="learned_range", beta_schedule="squaredcos_cap_v2"), 2 * C),
+    (dict(variance_type="learned", clip_sample=False), 2 * C),
+    (dict(SD, clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True), C),
+    (dict(timestep_spacing="linspace", prediction_type="sample", thresholding=True), C),
+    (dict(steps_offset=1, beta_schedule="sigmoid"), C),
+]
+
+
+@pytest.mark.parametrize("config,out_channels", DDPM_CASES)
+def test_ddpm_matches_diffusers(config, out_channels):
+    if config.get("variance_type") == "learned":
+        # "learned" takes the model's variance output as a variance: keep it positive for both libraries.
+        pass
+    compare("DDPMScheduler", config, steps=6, out_channels=out_channels)
+
+
+def test_ddpm_learned_needs_double_channels():
+    s = ls.DDPMScheduler(variance_type="learned_range")
+    s.set_timesteps(4)
+    x = torch.randn(1, C, 2, 2)
+    with pytest.raises(LDMKitError, match="twice"):
+        s.step(x, s.timesteps[0], x)
+
+
+def test_ddpm_full_chain_without_set_timesteps():
+    ours, theirs = ls.DDPMScheduler(num_train_timesteps=20), diffusers.DDPMScheduler(num_train_timesteps=20)
+    x = torch.randn(1, C, 2, 2)
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    xa = xb = x
+    for t in range(19, -1, -1):
+        xa = ours.step(fake_model(xa, t), t, xa, generator=ga).prev_sample
+        xb = theirs.step(fake_model(xb, t), t, xb, generator=gb).prev_sample
+    torch.testing.assert_close(xa, xb, atol=ATOL, rtol=RTOL)
+
+
+def test_ddpm_custom_timesteps():
+    ours, theirs = ls.DDPMScheduler(), diffusers.DDPMScheduler()
+    custom = [900, 500, 200, 10, 0]
+    a = trajectory(ours, None, set_kwargs=dict(timesteps=custom), seed=5)
+    b = trajectory(theirs, None, set_kwargs=dict(timesteps=custom), seed=5)
+    assert_same_trajectory(a, b)
+    with pytest.raises(LDMKitError, match="descending"):
+        ours.set_timesteps(timesteps=[1, 5])
+    with pytest.raises(LDMKitError, match="not both"):
+        ours.set_timesteps(5, timesteps=[5, 1])
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+def test_add_noise_and_velocity(name):
+    ours, theirs = getattr(ls, name)(**SD), getattr(diffusers, name)(**SD)
+    x, noise = torch.randn(3, C, 4, 4), torch.randn(3, C, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(ours.add_noise(x, noise, t), theirs.add_noise(x, noise, t))
+    torch.testing.assert_close(ours.get_velocity(x, noise, t), theirs.get_velocity(x, noise, t))
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod)
+    half = ours.add_noise(x.half(), noise.half(), t)
+    assert half.dtype == torch.float16
+
+
+def test_generator_list_matches_diffusers():
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    ours, theirs = ls.DDPMScheduler(), diffusers.DDPMScheduler()
+    for s in (ours, theirs):
+        s.set_timesteps(3)
+    x = torch.randn(2, C, 4, 4)
+    t = ours.timesteps[0]
+    a = ours.step(fake_model(x, t), t, x, generator=gens()).prev_sample
+    b = theirs.step(fake_model(x, t), t, x, generator=gens()).prev_sample
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Common contract: validation, configs, reuse
+# ---------------------------------------------------------------------------------------------------------
+
+ALL = ["DDIMScheduler", "DDPMScheduler"]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad,match", [(0, "at least 1"), (-3, "at least 1"), (1001, "exceeds"),
+                                       (2.5, "must be an int"), ("10", "must be an int"),
+                                       (True, "must be an int")])
+def test_set_timesteps_validation(name, bad, match):
+    s = getattr(ls, name)()
+    with pytest.raises(LDMKitError, match=match):
+        s.set_timesteps(bad)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_round_trip_with_diffusers(name, tmp_path):
+    config = dict(SD, steps_offset=1, prediction_type="v_prediction", timestep_spacing="trailing")
+    ours = getattr(ls, name)(**config)
+    ours.save_pretrained(tmp_path / "a")
+    data = json.loads((tmp_path / "a" / "scheduler_config.json").read_text())
+    assert data["_class_name"] == name and "_diffusers_version" in data
+    theirs = getattr(diffusers, name).from_pretrained(tmp_path / "a")
+    for k, v in ours.config.items():
+        assert theirs.config[k] == v, k
+    theirs.save_pretrained(tmp_path / "b")
+    back = getattr(ls, name).from_pretrained(tmp_path / "b")
+    assert dict(back.config) == dict(ours.config)
+    # subfolder and keyword overrides
+    ours.save_pretrained(tmp_path / "c" / "scheduler")
+    sub = getattr(ls, name).from_pretrained(tmp_path / "c", subfolder="scheduler", steps_offset=0)
+    assert sub.config.steps_offset == 0 and sub.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_config_keys_warn(name, caplog):
+    with caplog.at_level(logging.WARNING, logger="ldmkit"):
+        s = getattr(ls, name).from_config({"num_train_timesteps": 500, "some_future_option": 3,
+                                           "_class_name": "X", "_diffusers_version": "9.9"})
+    assert s.config.num_train_timesteps == 500
+    assert "some_future_option" in caplog.text
+    assert "_class_name" not in caplog.text
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reuse_gives_identical_results(name):
+    s = getattr(ls, name)(**SD)
+    kw = dict(eta=0.5) if name == "DDIMScheduler" else {}
+    a = trajectory(s, 5, seed=7, **kw)
+    trajectory(s, 3, seed=1, **kw)
+    b = trajectory(s, 5, seed=7, **kw)
+    assert_same_trajectory(a, b)
+
+
+@pytest.mark.parametrize("src", ALL)
+@pytest.mark.parametrize("dst", ALL)
+def test_from_config_interchange(src, dst, caplog):
+    a = getattr(ls, src)(**SD, prediction_type="v_prediction")
+    with caplog.at_level(logging.WARNING, logger="ldmkit"):
+        b = getattr(ls, dst).from_config(a.config)
+    assert caplog.text == ""  # sibling fields are dropped quietly, as in diffusers
+    assert b.config.beta_schedule == "scaled_linear" and b.config.prediction_type == "v_prediction"
+    assert type(b) in a.compatibles
+    # and from diffusers' own config object
+    c = getattr(ls, dst).from_config(getattr(diffusers, src)(**SD).config)
+    assert c.config.beta_end == 0.012
+
+
+def test_step_before_set_timesteps_errors():
+    s = ls.DDIMScheduler()
+    x = torch.zeros(1, C, 2, 2)
+    with pytest.raises(LDMKitError, match="set_timesteps"):
+        s.step(x, 999, x)
