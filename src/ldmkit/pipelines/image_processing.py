@@ -1,0 +1,108 @@
+"""Turning user images (PIL, numpy, torch; one or a list) into model tensors in [-1, 1]."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..errors import LDMKitError
+
+logger = logging.getLogger("ldmkit")
+
+
+def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
+    # Transparent pixels have arbitrary colours under them: composite onto white, as a viewer shows them.
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(white, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _array_to_nhwc(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    else:
+        raise LDMKitError(f"{name}: numpy arrays must be uint8 (0-255) or float (0-1), got {array.dtype}.")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise LDMKitError(f"{name}: expected an array (H, W), (H, W, C) or (N, H, W, C), got shape {array.shape}.")
+    return array
+
+
+def _fix_channels(nchw: torch.Tensor, name: str) -> torch.Tensor:
+    c = nchw.shape[1]
+    if c == 3:
+        return nchw
+    if c == 1:  # grayscale
+        return nchw.expand(-1, 3, -1, -1)
+    if c == 4:  # RGBA in [0, 1]: composite onto white
+        rgb, alpha = nchw[:, :3], nchw[:, 3:]
+        return rgb * alpha + (1 - alpha)
+    raise LDMKitError(f"{name} has {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA). "
+                      "Convert it to RGB first.")
+
+
+def to_tensor(image, name: str = "image") -> torch.Tensor:
+    """One image or batch -> float tensor (N, 3, H, W) in [0, 1].
+
+    Tensors are (C, H, W) or (N, C, H, W) in [0, 1]; one with negative values is taken as [-1, 1] (the
+    convention of diffusers' old super-resolution pipeline), with a warning.
+    """
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise LDMKitError(f"{name} is empty (0 pixels).")
+        t = torch.from_numpy(_pil_to_array(image)).permute(2, 0, 1)[None]
+    elif isinstance(image, np.ndarray):
+        t = torch.from_numpy(_array_to_nhwc(image, name)).permute(0, 3, 1, 2)
+    elif isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4:
+            raise LDMKitError(f"{name}: expected a tensor (C, H, W) or (N, C, H, W), got shape {tuple(t.shape)}.")
+        if not t.dtype.is_floating_point:
+            t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        t = t.float()
+        if t.numel() and t.min() < 0:
+            logger.warning("%s has negative values: taking it as [-1, 1] rather than [0, 1].", name)
+            t = (t + 1) / 2
+    else:
+        raise LDMKitError(f"{name} must be a PIL image, a numpy array or a torch tensor "
+                          f"(or a list of them), got {type(image).__name__}.")
+    if t.shape[0] == 0 or t.shape[-1] == 0 or t.shape[-2] == 0:
+        raise LDMKitError(f"{name} is empty: shape {tuple(t.shape)}.")
+    if not torch.isfinite(t).all():
+        raise LDMKitError(f"{name} contains NaN or infinite values.")
+    return _fix_channels(t, name).clamp(0, 1).contiguous()
+
+
+def to_tensor_groups(images, name: str = "image") -> list[tuple[list[int], torch.Tensor]]:
+    """One image, a batch, or a list of images -> ``[(indices, batch), ...]`` with one batch per size.
+
+    Images of the same size are batched together; a list of mixed sizes is processed one size at a time,
+    and ``indices`` say where each result goes in the input order.
+    """
+    if not isinstance(images, list | tuple):
+        batch = to_tensor(images, name)
+        return [(list(range(batch.shape[0])), batch)]
+    if not images:
+        raise LDMKitError(f"{name} is an empty list: give at least one image.")
+    tensors = [to_tensor(im, f"{name}[{i}]") for i, im in enumerate(images)]
+    groups: dict[tuple[int, int], list[int]] = {}
+    offsets, count = [], 0
+    for t in tensors:
+        offsets.append(list(range(count, count + t.shape[0])))
+        count += t.shape[0]
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape[-2:]), []).append(i)
+    return [([j for i in members for j in offsets[i]], torch.cat([tensors[i] for i in members]))
+            for members in groups.values()]

@@ -1,0 +1,161 @@
+"""4x super-resolution LDM (Rombach et al. 2022, Sec. 4.4): the low-res image is concatenated to the
+noisy latent at every step, and the VQ decoder brings the latent to 4x the input size."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LDMKitError
+from ..randomness import randn_tensor
+from .image_processing import to_tensor_groups
+from .pipeline_utils import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    check_latents,
+    check_output_type,
+    check_sampling_args,
+    convert_images,
+    step_kwargs,
+)
+from .tiling import blend_tiles
+
+
+class LDMSuperResolutionPipeline(DiffusionPipeline):
+    """Upscales images exactly ``2 ** (len(vqvae.config.block_out_channels) - 1)`` times (4x for the
+    published model), whatever their size: the input is padded to what the UNet needs and the output
+    cropped back, never resized. Large inputs are processed in overlapping tiles (``tile_size``), in
+    latent space and in the decoder, so memory stays bounded.
+    """
+
+    def __init__(self, vqvae, unet, scheduler):
+        super().__init__(vqvae=vqvae, unet=unet, scheduler=scheduler)
+
+    @property
+    def upscale_factor(self) -> int:
+        return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+
+    @property
+    def _unet_multiple(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image=None,
+        batch_size: int = 1,
+        num_inference_steps: int = 100,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        tiling: bool | None = None,
+        tile_size: int = 128,
+        tile_overlap: int = 32,
+        decode_tile_size: int = 64,
+        callback_on_step_end: Callable | None = None,
+    ):
+        """Upscale ``image`` (PIL, numpy or tensor in [0, 1]; one image, a batch, or a list).
+
+        ``batch_size`` samples are drawn per input image. Images of the same size are batched together; a
+        list of mixed sizes is processed one size at a time and returned in the input order.
+        ``tiling``: None = automatic (above ``tile_size`` input pixels on a side), True = always, False =
+        never. Tiles overlap by ``tile_overlap`` pixels and are blended with smooth weights; the decoder
+        works on ``decode_tile_size`` latent tiles.
+        """
+        check_output_type(output_type)
+        if image is None:
+            raise LDMKitError("image is required: the low-resolution image to upscale.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise LDMKitError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        multiple = self._unet_multiple
+        for name, value in (("tile_size", tile_size), ("decode_tile_size", decode_tile_size)):
+            if not isinstance(value, int) or value < multiple or value % multiple:
+                raise LDMKitError(f"{name} must be a positive multiple of {multiple}, got {value!r}.")
+        if not 0 <= tile_overlap < tile_size:
+            raise LDMKitError(f"tile_overlap must be in [0, tile_size), got {tile_overlap}.")
+        groups = to_tensor_groups(image)
+        total = sum(len(idx) for idx, _ in groups) * batch_size
+        check_sampling_args(num_inference_steps, eta, generator, total)
+        if latents is not None and len(groups) > 1:
+            raise LDMKitError("latents can only be given for images of one size.")
+
+        results: list[torch.Tensor | None] = [None] * total
+        for indices, lowres in groups:
+            rows = [i * batch_size + k for i in indices for k in range(batch_size)]
+            gens = [generator[r] for r in rows] if isinstance(generator, list | tuple) else generator
+            lowres = lowres.repeat_interleave(batch_size, dim=0)
+            out = self._upscale(lowres, num_inference_steps, eta, gens, latents, tiling, tile_size,
+                                tile_overlap, decode_tile_size, output_type, callback_on_step_end)
+            for row, img in zip(rows, out):
+                results[row] = img
+        images = _collate(results, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _upscale(self, lowres, steps, eta, generator, latents, tiling, tile, overlap, decode_tile, output_type,
+                 callback):
+        device, dtype = self.unet.device, self.unet.dtype
+        n, _, h, w = lowres.shape
+        multiple = self._unet_multiple
+        ph, pw = math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
+        cond = (lowres * 2 - 1).to(device=device, dtype=dtype)
+        if (ph, pw) != (h, w):  # replicate the border so the padding carries no new edges
+            cond = F.pad(cond, (0, pw - w, 0, ph - h), mode="replicate")
+        latent_channels = self.unet.config.in_channels - cond.shape[1]
+        if latent_channels < 1:
+            raise LDMKitError(f"The UNet takes {self.unet.config.in_channels} channels, too few for a "
+                              "latent plus an RGB image: this is not a super-resolution UNet.")
+        shape = (n, latent_channels, ph, pw)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = check_latents(latents, shape, device, dtype)
+        use_tiles = tiling if tiling is not None else (ph > tile or pw > tile)
+
+        def denoise(x, c, t):
+            # Only the noisy latent goes through scale_model_input; the low-res image is a condition.
+            return self.unet(torch.cat([self.scheduler.scale_model_input(x, t), c], dim=1), t).sample
+
+        self.scheduler.set_timesteps(steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        extra = step_kwargs(self.scheduler, eta, generator)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if use_tiles:
+                noise_pred = blend_tiles(
+                    lambda y, x, th, tw, t=t: denoise(latents[:, :, y:y + th, x:x + tw],
+                                                      cond[:, :, y:y + th, x:x + tw], t),
+                    ph, pw, tile, overlap)
+            else:
+                noise_pred = denoise(latents, cond, t)
+            latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+            if callback is not None:
+                result = callback(self, i, t, {"latents": latents})
+                if result:
+                    latents = result.get("latents", latents)
+        if output_type == "latent":
+            return latents
+        images = self._decode(latents, use_tiles, decode_tile, overlap // 2)
+        f = self.upscale_factor
+        return (images[:, :, : h * f, : w * f].float() / 2 + 0.5).clamp(0, 1)
+
+    def _decode(self, latents, tiled: bool, tile: int, overlap: int) -> torch.Tensor:
+        if not tiled:
+            return self.vqvae.decode(latents).sample
+        # Quantize once over the whole latent (it is per position), then decode tile by tile.
+        quantized = self.vqvae.quantize(latents)[0]
+        return blend_tiles(
+            lambda y, x, th, tw: self.vqvae.decode(quantized[:, :, y:y + th, x:x + tw], force_not_quantize=True).sample,
+            latents.shape[-2], latents.shape[-1], tile, overlap, scale=self.upscale_factor)
+
+
+def _collate(results: list[torch.Tensor], output_type: str):
+    """Stack same-size results; a mixed-size list stays a list (PIL images are always a list)."""
+    if output_type == "pil":
+        return [convert_images(r[None], "pil")[0] for r in results]
+    if all(r.shape == results[0].shape for r in results):
+        return convert_images(torch.stack(results), output_type) if output_type == "np" else torch.stack(results)
+    return [convert_images(r[None], output_type)[0] if output_type == "np" else r for r in results]
