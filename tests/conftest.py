@@ -79,3 +79,62 @@ def no_network(monkeypatch):
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+
+
+def build_diffusers_vq(seed: int = 0, scaling_factor: float | None = None):
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    kw = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
+    return VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(16, 16, 32),
+                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                   layers_per_block=1, norm_num_groups=8, num_vq_embeddings=64, **kw)
+
+
+def build_diffusers_unet2d(in_channels: int, seed: int = 0, sample_size: int = 16):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=3,
+                       block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+                       attention_head_dim=8)
+
+
+def perturb(*modules, seed: int = 1, scale: float = 0.02):
+    """Random init leaves some weights at zero: give every parameter a visible value."""
+    for module in modules:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def _ddim(**kw):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.0015, beta_end=0.0155, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_superres_dir(tmp_path_factory):
+    from diffusers import LDMSuperResolutionPipeline
+
+    vq, unet = build_diffusers_vq(), build_diffusers_unet2d(6)
+    perturb(vq, unet)
+    folder = tmp_path_factory.mktemp("superres") / "pipe"
+    LDMSuperResolutionPipeline(vqvae=vq, unet=unet, scheduler=_ddim()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_uncond_dir(tmp_path_factory):
+    from diffusers import LDMPipeline
+
+    vq, unet = build_diffusers_vq(), build_diffusers_unet2d(3)
+    perturb(vq, unet)
+    folder = tmp_path_factory.mktemp("uncond") / "pipe"
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=_ddim()).save_pretrained(folder)
+    return folder

@@ -16,19 +16,22 @@ ATOL = RTOL = 1e-5
 C = 3
 
 
-def fake_model(x: torch.Tensor, t, out_channels: int = C) -> torch.Tensor:
+def fake_model(x: torch.Tensor, t, out_channels: int = C, positive_variance: bool = False) -> torch.Tensor:
     """A fixed random linear "network" eps = f(x, t), identical for both libraries."""
     g = torch.Generator().manual_seed(1234)
     w = torch.randn(out_channels, x.shape[1], generator=g) * 0.3
     b = torch.randn(out_channels, 1, 1, generator=g) * 0.1
     tt = float(t) / 1000.0
-    out = torch.einsum("oc,bchw->bohw", w, x.float()) + b * (1 + tt) + 0.05 * torch.sin(x.float() * 3).sum(1, True)
+    xf = x.float()
+    out = torch.einsum("oc,bchw->bohw", w, xf) + b * (1 + tt) + 0.05 * torch.sin(xf * 3).sum(1, True)
     if out_channels > x.shape[1]:  # learned variance: second half in [-1, 1]
-        out[:, x.shape[1]:] = torch.tanh(out[:, x.shape[1]:])
+        v = out[:, x.shape[1]:]
+        out[:, x.shape[1]:] = torch.sigmoid(v) * 1e-2 if positive_variance else torch.tanh(v)
     return out.to(x.dtype)
 
 
-def trajectory(scheduler, steps: int, *, seed: int = 0, out_channels: int = C, set_kwargs=None, **step_kwargs):
+def trajectory(scheduler, steps: int, *, seed: int = 0, out_channels: int = C, set_kwargs=None,
+               positive_variance: bool = False, **step_kwargs):
     """Run a whole sampling loop; return every step's (prev_sample, pred_original_sample)."""
     scheduler.set_timesteps(steps, **(set_kwargs or {}))
     x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(42)) * scheduler.init_noise_sigma
@@ -36,7 +39,8 @@ def trajectory(scheduler, steps: int, *, seed: int = 0, out_channels: int = C, s
     outs = []
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t)
-        res = scheduler.step(fake_model(inp, t, out_channels), t, x, generator=gen, **step_kwargs)
+        eps = fake_model(inp, t, out_channels, positive_variance)
+        res = scheduler.step(eps, t, x, generator=gen, **step_kwargs)
         x = res.prev_sample
         outs.append((x, getattr(res, "pred_original_sample", None)))
     outs.append((x, None))
@@ -50,7 +54,7 @@ def assert_same_trajectory(ours, theirs):
     for i, ((a, a0), (b, b0)) in enumerate(zip(a_out, b_out)):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"step {i}: {m}")
         if a0 is not None and b0 is not None:
-            torch.testing.assert_close(a0, b0, atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"x0 at step {i}: {m}")
+            torch.testing.assert_close(a0, b0, atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"x0, step {i}: {m}")
     assert torch.isfinite(a_out[-1][0]).all()
 
 
@@ -58,8 +62,10 @@ def compare(name, config, steps=6, step_kwargs=None, out_channels=C, set_kwargs=
     ours = getattr(ls, name)(**config)
     theirs = getattr(diffusers, name)(**config)
     step_kwargs = step_kwargs or {}
-    a = trajectory(ours, steps, out_channels=out_channels, set_kwargs=set_kwargs, **step_kwargs)
-    b = trajectory(theirs, steps, out_channels=out_channels, set_kwargs=set_kwargs, **step_kwargs)
+    kw = dict(out_channels=out_channels, set_kwargs=set_kwargs,
+              positive_variance=config.get("variance_type") == "learned")
+    a = trajectory(ours, steps, **kw, **step_kwargs)
+    b = trajectory(theirs, steps, **kw, **step_kwargs)
     assert_same_trajectory(a, b)
     return ours, theirs
 
@@ -91,7 +97,7 @@ def test_ddim_matches_diffusers(config, eta):
 
 
 def test_ddim_zero_snr_eta_one_is_finite():
-    # diffusers takes sqrt of a rounding-negative 1 - a_prev - sigma^2 here and returns NaN; ldmkit clamps at 0.
+    # diffusers takes sqrt of a rounding-negative 1 - a_prev - sigma^2 here (NaN); ldmkit clamps at 0.
     config = dict(SD, clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True,
                   prediction_type="v_prediction")
     outs, _ = trajectory(ls.DDIMScheduler(**config), 6, eta=1.0)
@@ -104,7 +110,8 @@ def test_ddim_step_counts(steps):
 
 
 def test_ddim_use_clipped_model_output():
-    compare("DDIMScheduler", dict(clip_sample_range=0.3), step_kwargs=dict(eta=0.5, use_clipped_model_output=True))
+    compare("DDIMScheduler", dict(clip_sample_range=0.3),
+            step_kwargs=dict(eta=0.5, use_clipped_model_output=True))
 
 
 def test_ddim_variance_noise_and_return_tuple():
@@ -148,7 +155,8 @@ DDPM_CASES = [
     (dict(variance_type="fixed_large", prediction_type="v_prediction", clip_sample=False), C),
     (dict(variance_type="learned_range", beta_schedule="squaredcos_cap_v2"), 2 * C),
     (dict(variance_type="learned", clip_sample=False), 2 * C),
-    (dict(SD, clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True), C),
+    (dict(SD, clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+          prediction_type="v_prediction"), C),
     (dict(timestep_spacing="linspace", prediction_type="sample", thresholding=True), C),
     (dict(steps_offset=1, beta_schedule="sigmoid"), C),
 ]
@@ -156,9 +164,6 @@ DDPM_CASES = [
 
 @pytest.mark.parametrize("config,out_channels", DDPM_CASES)
 def test_ddpm_matches_diffusers(config, out_channels):
-    if config.get("variance_type") == "learned":
-        # "learned" takes the model's variance output as a variance: keep it positive for both libraries.
-        pass
     compare("DDPMScheduler", config, steps=6, out_channels=out_channels)
 
 
