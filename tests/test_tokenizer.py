@@ -17,7 +17,7 @@ VOCAB = (
     ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     + list(".,!?'\"-()") + ["红", "猫", "一", "只", "的", "中"]
     + ["a", "the", "cat", "dog", "photo", "of", "on", "mat", "tree", "red", "sitting", "play", "run", "paint",
-       "oil", "cafe", "café", "naive", "naïve", "resume", "résumé", "Cat", "Café", "A", "Photo"]
+       "oil", "cafe", "Cafe", "café", "naive", "naïve", "resume", "résumé", "Cat", "Café", "A", "Photo"]
     + ["##s", "##ing", "##ed", "##er", "##n", "##é", "##t", "##a"]
 )
 
@@ -71,7 +71,7 @@ def assert_same(ours, theirs, prompts, max_length=77):
     assert torch.equal(a.attention_mask, b["attention_mask"])
 
 
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "-")
 def test_ids_match_transformers(tmp_path, flags):
     write_vocab_folder(tmp_path, **flags)
     ours, theirs = LDMTokenizer.from_pretrained(tmp_path), reference(tmp_path)
@@ -79,6 +79,15 @@ def test_ids_match_transformers(tmp_path, flags):
     assert_same(ours, theirs, PROMPTS, max_length=8)
     for prompt in PROMPTS:  # one by one too: batching must not change anything
         assert_same(ours, theirs, [prompt])
+
+
+@pytest.mark.parametrize("flags", FLAGS[:2], ids=["default", "cased"])
+def test_ids_match_transformers_python_tokenizer(tmp_path, flags):
+    """transformers 4's default (pure Python) BertTokenizer, with which the published pipeline ran."""
+    legacy = pytest.importorskip("transformers.models.bert.tokenization_bert_legacy")
+    write_vocab_folder(tmp_path, **flags)
+    theirs = legacy.BertTokenizerLegacy.from_pretrained(str(tmp_path))
+    assert_same(LDMTokenizer.from_pretrained(tmp_path), theirs, PROMPTS)
 
 
 def test_unknown_and_empty(tmp_path):
@@ -134,6 +143,9 @@ def test_vocab_txt_only(tmp_path):
     (tmp_path / "vocab.txt").write_text("".join(f"{t}\n" for t in VOCAB), encoding="utf-8")
     ours = LDMTokenizer.from_pretrained(tmp_path)
     assert ours.model_max_length == 77
+    # The pipeline loader calls every component's from_folder with these.
+    loaded = LDMTokenizer.from_folder(tmp_path, torch_dtype=torch.float16, variant=None)
+    assert loaded.vocab_size == len(VOCAB)
     assert_same(ours, reference(tmp_path), PROMPTS)
 
 

@@ -4,6 +4,62 @@ __version__ = "0.1.0"
 
 from .configuration import ConfigMixin, FrozenDict
 from .errors import LDMKitError
-from .models import ModelMixin
+from .models import (
+    AutoencoderKL,
+    LDMBertModel,
+    ModelMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
+from .pipelines import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    LDMPipeline,
+    LDMSuperResolutionPipeline,
+    LDMTextToImagePipeline,
+)
+from .schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+    UniPCMultistepScheduler,
+)
+from .tokenizer import LDMTokenizer
 
-__all__ = ["ConfigMixin", "FrozenDict", "LDMKitError", "ModelMixin", "__version__"]
+__all__ = [
+    "AutoencoderKL",
+    "ConfigMixin",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DiffusionPipeline",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "FrozenDict",
+    "HeunDiscreteScheduler",
+    "ImagePipelineOutput",
+    "LDMBertModel",
+    "LDMKitError",
+    "LDMPipeline",
+    "LDMSuperResolutionPipeline",
+    "LDMTextToImagePipeline",
+    "LDMTokenizer",
+    "LMSDiscreteScheduler",
+    "ModelMixin",
+    "PNDMScheduler",
+    "SchedulerMixin",
+    "UNet2DConditionModel",
+    "UNet2DModel",
+    "UniPCMultistepScheduler",
+    "VQModel",
+    "__version__",
+]

@@ -29,8 +29,9 @@ def _component_classes() -> dict[tuple[str, str], type]:
     table: dict[tuple[str, str], type] = {}
     for name in models.MODEL_NAMES:
         table[("diffusers", name)] = getattr(models, name)
-    for name in schedulers.SCHEDULER_NAMES:
-        table[("diffusers", name)] = getattr(schedulers, name)
+    for name in schedulers.__all__:
+        if name.endswith("Scheduler"):
+            table[("diffusers", name)] = getattr(schedulers, name)
     table[("latent_diffusion", "LDMBertModel")] = models.LDMBertModel
     table[("transformers", "BertTokenizer")] = tokenizer.LDMTokenizer
     table[("transformers", "BertTokenizerFast")] = tokenizer.LDMTokenizer

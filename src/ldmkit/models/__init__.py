@@ -1,5 +1,44 @@
 """The networks. One file per network, plus shared blocks (resnet, attention, embeddings)."""
 
+from .attention import Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
+from .autoencoder_kl import AutoencoderKL, AutoencoderKLOutput
+from .embeddings import TimestepEmbedding, Timesteps, timestep_embedding
+from .ldmbert import LDMBertModel
 from .modeling_utils import ModelMixin
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .unet_2d import UNet2DModel, UNet2DOutput
+from .unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from .vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder, VectorQuantizer
+from .vq_model import VQEncoderOutput, VQModel
 
-__all__ = ["ModelMixin"]
+# The diffusers model classes ldmkit implements, by the name model_index.json gives them.
+MODEL_NAMES = ("AutoencoderKL", "UNet2DConditionModel", "UNet2DModel", "VQModel")
+
+__all__ = [
+    "MODEL_NAMES",
+    "Attention",
+    "AutoencoderKL",
+    "AutoencoderKLOutput",
+    "BasicTransformerBlock",
+    "Decoder",
+    "DecoderOutput",
+    "DiagonalGaussianDistribution",
+    "Downsample2D",
+    "Encoder",
+    "FeedForward",
+    "LDMBertModel",
+    "ModelMixin",
+    "ResnetBlock2D",
+    "TimestepEmbedding",
+    "Timesteps",
+    "Transformer2DModel",
+    "UNet2DConditionModel",
+    "UNet2DConditionOutput",
+    "UNet2DModel",
+    "UNet2DOutput",
+    "Upsample2D",
+    "VQEncoderOutput",
+    "VQModel",
+    "VectorQuantizer",
+    "timestep_embedding",
+]

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import LDMKitError
 from .resnet import get_activation
 
 
@@ -46,11 +47,12 @@ class Timesteps(nn.Module):
         self.downscale_freq_shift = downscale_freq_shift
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift)
+        return timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos,
+                                  self.downscale_freq_shift)
 
 
 class TimestepEmbedding(nn.Module):
-    """Two-layer MLP on the sinusoidal embedding: ``linear_1 -> act -> linear_2`` (DDPM's ``temb`` dense layers)."""
+    """Two-layer MLP on the sinusoidal embedding, ``linear_1 -> act -> linear_2`` (DDPM's ``temb`` layers)."""
 
     def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu"):
         super().__init__()
@@ -60,3 +62,12 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(sample)))
+
+
+def broadcast_to_batch(values, batch_size: int, device: torch.device, name: str = "timestep") -> torch.Tensor:
+    """A python number, 0-d or 1-d tensor as a ``(batch_size,)`` tensor on ``device`` (one value repeats)."""
+    tensor = torch.as_tensor(values, device=device).reshape(-1)
+    if tensor.numel() not in (1, batch_size):
+        raise LDMKitError(f"{name} must be a number or hold 1 or batch-size ({batch_size}) values, "
+                          f"got {tensor.numel()} values.")
+    return tensor.expand(batch_size)

@@ -12,6 +12,8 @@ mask is needed (one may still be passed).
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LDMKitError
+from ..io import atomic_path
 from .modeling_utils import ModelMixin
 
 # The transformers release whose config.json layout we write; its LDMBert fields are unchanged since 4.21.
@@ -242,6 +245,16 @@ class LDMBertModel(ModelMixin):
                 config.setdefault(name, config.pop(alias))
         config = {k: v for k, v in config.items() if k not in _TRANSFORMERS_GENERIC_KEYS}
         return super()._split_config(config)
+
+    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
+        """Write config.json and model.safetensors, or pytorch_model.bin (transformers' pickle name)."""
+        if safe_serialization:
+            super().save_pretrained(folder, safe_serialization=True)
+            return
+        folder = Path(folder)
+        self.save_config(folder)
+        with atomic_path(folder / "pytorch_model.bin") as tmp:
+            torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, tmp)
 
     def config_to_json(self) -> str:
         """A transformers config.json, which transformers/diffusers' LDMBertModel.from_pretrained reads."""

@@ -26,7 +26,8 @@ class Downsample2D(nn.Module):
     (Rombach et al. 2022), so that an even input gives exactly half the size.
     """
 
-    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None, padding: int = 1):
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None,
+                 padding: int = 1):
         super().__init__()
         out_channels = out_channels or channels
         self.padding = padding
@@ -49,9 +50,12 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, padding=1) if use_conv else None
+        self.conv = None
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, padding=1)
 
-    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None
+                ) -> torch.Tensor:
         if output_size is None:
             hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
         else:
@@ -107,7 +111,9 @@ class ResnetBlock2D(nn.Module):
             self.resample = Upsample2D(in_channels, use_conv=False)
         elif down:
             self.resample = Downsample2D(in_channels, use_conv=False)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.act(self.norm1(input_tensor))

@@ -140,8 +140,8 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise LDMKitError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
         factor = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * factor
-        width = width or self.unet.config.sample_size * factor
+        height = self.unet.config.sample_size * factor if height is None else height
+        width = self.unet.config.sample_size * factor if width is None else width
         if height <= 0 or width <= 0 or height % factor or width % factor:
             raise LDMKitError(f"height and width must be positive multiples of {factor}, got {height}x{width}; "
                               f"try {max(factor, round(height / factor) * factor)}x"

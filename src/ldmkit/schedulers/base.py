@@ -1,9 +1,10 @@
 """What every scheduler shares: the noise schedule, loading and saving, noise drawing, small maths.
 
 The training noise schedule is the variance-preserving one of DDPM (Ho et al. 2020):
-``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)`` with ``alpha_bar_t = prod_{s<=t} (1 - beta_s)``
-(their eq. 4). Everything here is a pure function of tensors except :class:`SchedulerMixin`, which keeps
-the per-object state (``betas``, ``alphas_cumprod``, ``timesteps``) and the config.
+``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)`` with
+``alpha_bar_t = prod_{s<=t} (1 - beta_s)`` (their eq. 4). Everything here is a pure function of tensors
+except :class:`SchedulerMixin`, which keeps the per-object state (``betas``, ``alphas_cumprod``,
+``timesteps``) and the config.
 """
 
 from __future__ import annotations
@@ -88,13 +89,14 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999,
         def alpha_bar(t):
             return math.exp(t * -12.0)
     else:
-        raise LDMKitError(f"Unknown alpha_transform_type {alpha_transform_type!r}; use cosine, laplace or exp.")
+        raise LDMKitError(f"Unknown alpha_transform_type {alpha_transform_type!r}; "
+                          "use cosine, laplace or exp.")
     T = num_diffusion_timesteps
     betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
     return torch.tensor(betas, dtype=torch.float32)
 
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "exp", "sigmoid")
 
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
@@ -115,10 +117,11 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(num_train_timesteps)
-    if beta_schedule == "laplace":
-        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
+    if beta_schedule in ("laplace", "exp"):
+        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type=beta_schedule)
     if beta_schedule == "sigmoid":
-        return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
+        ramp = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps))
+        return ramp * (beta_end - beta_start) + beta_start
     raise LDMKitError(f"Unknown beta_schedule {beta_schedule!r}; use one of {', '.join(BETA_SCHEDULES)} "
                       "or pass trained_betas.")
 
@@ -152,8 +155,9 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
     if n < 1:
         raise LDMKitError(f"num_inference_steps must be at least 1, got {n}. Pass a positive step count.")
     if n > num_train_timesteps:
-        raise LDMKitError(f"num_inference_steps={n} exceeds num_train_timesteps={num_train_timesteps}: the model "
-                          f"was trained on {num_train_timesteps} noise levels. Use at most {num_train_timesteps} steps.")
+        raise LDMKitError(f"num_inference_steps={n} exceeds num_train_timesteps={num_train_timesteps}: the "
+                          f"model was trained on {num_train_timesteps} noise levels. "
+                          f"Use at most {num_train_timesteps} steps.")
     return n
 
 
@@ -239,7 +243,8 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def q_sample(alphas_cumprod: torch.Tensor, original: torch.Tensor, noise: torch.Tensor,
              timesteps: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps`` (Ho et al. 2020, eq. 4)."""
+    """Forward diffusion ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``
+    (Ho et al. 2020, eq. 4)."""
     a = alphas_cumprod.to(device=original.device, dtype=original.dtype)
     timesteps = timesteps.to(original.device)
     return broadcast_to(a[timesteps] ** 0.5, original) * original + broadcast_to((1 - a[timesteps]) ** 0.5,
@@ -309,7 +314,8 @@ class SchedulerMixin(ConfigMixin):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
+        if "__init__" in cls.__dict__:  # concrete schedulers, not the shared mixins
+            _REGISTRY[cls.__name__] = cls
 
     # -- noise schedule ---------------------------------------------------------------------------------
 
@@ -327,7 +333,8 @@ class SchedulerMixin(ConfigMixin):
         """Forward diffusion to the given (training) timesteps, one per batch element."""
         return q_sample(self.alphas_cumprod, original_samples, noise, timesteps)
 
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction training target for clean ``sample`` and ``noise`` at ``timesteps``."""
         return velocity(self.alphas_cumprod, sample, noise, timesteps)
 
@@ -366,7 +373,8 @@ class SchedulerMixin(ConfigMixin):
                 sibling.update(other._config_fields())
         quiet = {k: v for k, v in unknown.items() if k in sibling}
         if quiet:
-            logger.debug("%s ignores config keys of other schedulers: %s", cls.__name__, ", ".join(sorted(quiet)))
+            logger.debug("%s ignores config keys of other schedulers: %s", cls.__name__,
+                         ", ".join(sorted(quiet)))
         return accepted, {k: v for k, v in unknown.items() if k not in sibling}
 
     @classmethod

@@ -33,7 +33,7 @@ def ddim_step(x0, eps, alpha_prod_t_prev, std_dev_t):
 
 
 class DDIMScheduler(SchedulerMixin):
-    """DDIM sampling, with ``eta`` interpolating from deterministic DDIM (0) to DDPM-like ancestral sampling (1).
+    """DDIM sampling; ``eta`` goes from deterministic DDIM (0) to DDPM-like ancestral sampling (1).
 
     Same config fields, defaults and results as diffusers' ``DDIMScheduler``. Note the diffusers defaults
     (``clip_sample=True``, ``set_alpha_to_one=True``, ``steps_offset=0``) are not the ones of latent

@@ -17,13 +17,15 @@ from .base import (
     spaced_timesteps,
 )
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                  "learned_range")
 
 
 def posterior_mean(x0, sample, alpha_prod_t, alpha_prod_t_prev):
     """Mean of ``q(x_prev | x_t, x_0)`` (Ho et al. 2020, eq. 7):
     ``mu = sqrt(a_prev) beta_t / (1 - a_t) x_0 + sqrt(alpha_t) (1 - a_prev) / (1 - a_t) x_t``,
-    with ``alpha_t = a_t / a_prev`` and ``beta_t = 1 - alpha_t`` (the step between possibly skipped timesteps)."""
+    with ``alpha_t = a_t / a_prev`` and ``beta_t = 1 - alpha_t`` (the step between possibly skipped
+    timesteps)."""
     current_alpha_t = alpha_prod_t / alpha_prod_t_prev
     current_beta_t = 1 - current_alpha_t
     beta_prod_t = 1 - alpha_prod_t
@@ -93,8 +95,11 @@ class DDPMScheduler(SchedulerMixin):
     ):
         self.register_config(locals())
         self._check_prediction_type()
+        if variance_type is None:  # e.g. from a DPM-Solver config; diffusers then uses fixed_small
+            variance_type = "fixed_small"
         if variance_type not in VARIANCE_TYPES:
-            raise LDMKitError(f"Unknown variance_type {variance_type!r}; use one of {', '.join(VARIANCE_TYPES)}.")
+            raise LDMKitError(f"Unknown variance_type {variance_type!r}; "
+                              f"use one of {', '.join(VARIANCE_TYPES)}.")
         self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                   rescale_betas_zero_snr)
         self.one = torch.tensor(1.0)
@@ -118,7 +123,8 @@ class DDPMScheduler(SchedulerMixin):
             if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
                 raise LDMKitError(f"timesteps must be strictly descending, got {timesteps}.")
             if timesteps[0] >= T or timesteps[-1] < 0:
-                raise LDMKitError(f"timesteps must lie in [0, {T - 1}] (num_train_timesteps={T}), got {timesteps}.")
+                raise LDMKitError(f"timesteps must lie in [0, {T - 1}] (num_train_timesteps={T}), "
+                                  f"got {timesteps}.")
             self.custom_timesteps = True
             self.num_inference_steps = len(timesteps)
             self.timesteps = torch.from_numpy(np.array(timesteps, dtype=np.int64)).to(device)
@@ -136,7 +142,8 @@ class DDPMScheduler(SchedulerMixin):
         if self.custom_timesteps or self.num_inference_steps:
             schedule = self.timesteps.tolist()
             if t not in schedule:
-                raise LDMKitError(f"Timestep {t} is not in this scheduler's timesteps; pass one of scheduler.timesteps.")
+                raise LDMKitError(f"Timestep {t} is not in this scheduler's timesteps; "
+                                  "pass one of scheduler.timesteps.")
             index = schedule.index(t)
             return -1 if index == len(schedule) - 1 else schedule[index + 1]
         return t - 1
@@ -156,9 +163,9 @@ class DDPMScheduler(SchedulerMixin):
         variance_type = self.variance_type
         if variance_type in ("learned", "learned_range"):
             if model_output.shape[1] != sample.shape[1] * 2:
-                raise LDMKitError(f"variance_type={variance_type!r} needs a model output with twice the sample's "
-                                  f"channels ({2 * sample.shape[1]}), got {model_output.shape[1]}. Use a "
-                                  "fixed variance_type for a model that predicts only noise.")
+                raise LDMKitError(f"variance_type={variance_type!r} needs a model output with twice the "
+                                  f"sample's channels ({2 * sample.shape[1]}), got {model_output.shape[1]}. "
+                                  "Use a fixed variance_type for a model that predicts only noise.")
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         else:
             predicted_variance = None
