@@ -103,10 +103,10 @@ def test_batches_lists_and_mixed_sizes(sr):
 
 
 def test_input_kinds(sr):
-    rgba = PIL.Image.new("RGBA", (9, 7), (255, 0, 0, 128))
+    rgba = PIL.Image.new("RGBA", (7, 9), (255, 0, 0, 128))
     gray = np.full((9, 7), 100, dtype=np.uint8)
     tensor = torch.rand(3, 9, 7)
-    for image in (rgba, gray, tensor, PIL.Image.new("L", (9, 7))):
+    for image in (rgba, gray, tensor, PIL.Image.new("L", (7, 9))):
         assert sr(image, num_inference_steps=1, output_type="pt").images.shape == (1, 3, 36, 28)
     assert sr(PIL.Image.new("RGB", (1, 1)), num_inference_steps=1, output_type="pt").images.shape == (1, 3, 4, 4)
 

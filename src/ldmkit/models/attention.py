@@ -62,11 +62,11 @@ class Attention(nn.Module):
         residual = hidden_states
         spatial = hidden_states.ndim == 4
         if spatial:
-            batch, channels, height, width = hidden_states.shape
+            height, width = hidden_states.shape[-2:]
             if self.group_norm is not None:
                 hidden_states = self.group_norm(hidden_states)
-            # (B, C, H, W) -> (B, H*W, C) as a view: the projections read it in place.
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+            # (B, C, H, W) -> (B, H*W, C) as a view (contiguous for channels-last input).
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
 
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self._split_heads(self.to_q(hidden_states))
