@@ -8,4 +8,10 @@ from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 # Pipelines that model_index.json's _class_name may name (DiffusionPipeline.from_pretrained dispatches here).
 PIPELINE_NAMES = ["LDMTextToImagePipeline", "LDMSuperResolutionPipeline", "LDMPipeline"]
 
-__all__ = ["DiffusionPipeline", "ImagePipelineOutput", *PIPELINE_NAMES]
+__all__ = [
+    "DiffusionPipeline",
+    "ImagePipelineOutput",
+    "LDMPipeline",
+    "LDMSuperResolutionPipeline",
+    "LDMTextToImagePipeline",
+]

@@ -126,8 +126,8 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if use_tiles:
                 noise_pred = blend_tiles(
-                    lambda y, x, th, tw, t=t: denoise(latents[:, :, y:y + th, x:x + tw],
-                                                      cond[:, :, y:y + th, x:x + tw], t),
+                    lambda y, x, th, tw, z=latents, t=t: denoise(z[:, :, y:y + th, x:x + tw],
+                                                                 cond[:, :, y:y + th, x:x + tw], t),
                     ph, pw, tile, overlap)
             else:
                 noise_pred = denoise(latents, cond, t)
