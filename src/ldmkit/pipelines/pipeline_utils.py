@@ -58,6 +58,10 @@ def check_device(device: torch.device) -> None:
         raise LDMKitError("MPS was asked for but is not available here; use device 'cpu'.")
 
 
+# Progress-bar options every new pipeline starts with (the command line's --quiet sets disable=True).
+DEFAULT_PROGRESS: dict[str, Any] = {}
+
+
 class DiffusionPipeline:
     """Base of every pipeline.
 
@@ -67,7 +71,7 @@ class DiffusionPipeline:
     def __init__(self, **components):
         for name, component in components.items():
             setattr(self, name, component)
-        self._progress_bar_config: dict[str, Any] = {}
+        self._progress_bar_config: dict[str, Any] = dict(DEFAULT_PROGRESS)
 
     # ----------------------------------------------------------------- components, device, dtype
     @classmethod

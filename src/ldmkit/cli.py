@@ -1,0 +1,347 @@
+"""The ``ldmkit`` command line: txt2img, upscale, sample, info (and train, data, convert)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  ldmkit txt2img "a red apple" --model ./my-pipeline --n 4 --seed 7 -o out/
+  ldmkit txt2img --from-png out/a-red-apple-7.png          # regenerate an image from its metadata
+  ldmkit upscale small.png other.jpg -o big/ --model CompVis/ldm-super-resolution-4x-openimages
+  ldmkit sample --model CompVis/ldm-celebahq-256 --n 4 --steps 200
+  ldmkit info ./my-pipeline
+"""
+
+# --scheduler names -> (class name, config overrides)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm-single": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+class UserError(Exception):
+    """A mistake on the command line: reported as one line on stderr, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device):
+    import torch
+
+    if name == "auto":  # fp32 on the CPU (exact); half precision where the hardware is made for it
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_pipeline(model: str, device: str, dtype: str):
+    from . import DiffusionPipeline
+
+    dev = pick_device(device)
+    pipe = DiffusionPipeline.from_pretrained(resolve_model(model))
+    return pipe.to(dev, pick_dtype(dtype, dev))
+
+
+def resolve_model(model: str | None) -> str:
+    if model is None:
+        raise UserError("no --model given (a pipeline folder or a Hub id).")
+    return model
+
+
+def set_scheduler(pipe, name: str | None):
+    if name is None:
+        return
+    from . import schedulers
+
+    class_name, overrides = SCHEDULERS[name]
+    pipe.scheduler = getattr(schedulers, class_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def free_path(folder: Path, stem: str, force: bool) -> Path:
+    """``folder/stem.png``, or with -1, -2, ... appended so no existing file is overwritten (unless --force)."""
+    path = folder / f"{stem}.png"
+    n = 1
+    while path.exists() and not force:
+        path = folder / f"{stem}-{n}.png"
+        n += 1
+    return path
+
+
+def save_png(image, path: Path, metadata: dict) -> Path:
+    """Write a PNG atomically, with ``metadata`` as JSON in a text chunk named "ldmkit"."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .io import atomic_path
+
+    info = PngInfo()
+    info.add_text("ldmkit", json.dumps(metadata, sort_keys=True))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def read_png_metadata(path: str) -> dict:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = im.text.get("ldmkit")  # type: ignore[attr-defined]
+    except (OSError, AttributeError) as e:
+        raise UserError(f"cannot read {path} as a PNG ({e}).") from None
+    if not text:
+        raise UserError(f"{path} has no ldmkit metadata (was it made by `ldmkit txt2img`?).")
+    return json.loads(text)
+
+
+def grid(images, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or min(len(images), 4)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_txt2img(args) -> int:
+    import torch
+
+    from . import __version__
+
+    if args.from_png:
+        meta = read_png_metadata(args.from_png)
+        for key in ("model", "prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler",
+                    "height", "width"):
+            setattr(args, key, meta.get(key))
+        args.n = 1
+    if not args.prompt:
+        raise UserError("give a prompt, e.g. ldmkit txt2img \"a red apple\" (or --from-png FILE).")
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    set_scheduler(pipe, args.scheduler)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    seeds = [seed + i for i in range(args.n)]
+    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width,
+                  num_images_per_prompt=args.n, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    images = result.images
+    if args.upscale:
+        sr = load_pipeline(args.upscale_model, args.device, args.dtype)
+        images = sr(images, num_inference_steps=args.upscale_steps,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    out = Path(args.output)
+    paths = []
+    for s, image in zip(seeds, images):
+        meta = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": s,
+                "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "scheduler": args.scheduler,
+                "height": args.height, "width": args.width, "upscale": bool(args.upscale),
+                "ldmkit_version": __version__}
+        paths.append(save_png(image, free_path(out, f"{slug(args.prompt)}-{s}", args.force), meta))
+    if args.grid and len(images) > 1:
+        paths.append(save_png(grid(images), free_path(out, f"{slug(args.prompt)}-grid", args.force),
+                              {"prompt": args.prompt, "seeds": seeds, "model": args.model}))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_upscale(args) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from . import __version__
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    set_scheduler(pipe, args.scheduler)
+    out = Path(args.output)
+    for name in args.images:
+        try:
+            with Image.open(name) as im:
+                image = im.copy()
+        except FileNotFoundError:
+            raise UserError(f"{name} does not exist.") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"{name} is not a readable image ({e}).") from None
+        big = pipe(image, num_inference_steps=args.steps, eta=args.eta,
+                   generator=torch.Generator().manual_seed(args.seed), tiling=None if not args.no_tiling else False,
+                   ).images[0]
+        meta = {"model": args.model, "source": str(name), "seed": args.seed, "steps": args.steps, "eta": args.eta,
+                "scheduler": args.scheduler, "ldmkit_version": __version__}
+        print(save_png(big, free_path(out, f"{Path(name).stem}-x{pipe.upscale_factor}", args.force), meta))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from . import __version__
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    set_scheduler(pipe, args.scheduler)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    seeds = [seed + i for i in range(args.n)]
+    images = pipe(batch_size=args.n, num_inference_steps=args.steps, eta=args.eta,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    for s, image in zip(seeds, images):
+        meta = {"model": args.model, "seed": s, "steps": args.steps, "eta": args.eta, "scheduler": args.scheduler,
+                "ldmkit_version": __version__}
+        print(save_png(image, free_path(Path(args.output), f"sample-{s}", args.force), meta))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model))
+    print(f"{type(pipe).__name__}  ({args.model})")
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            n = sum(p.numel() for p in component.parameters())
+            size = sum(p.numel() * p.element_size() for p in component.parameters())
+            print(f"  {name:10s} {type(component).__name__:24s} {n / 1e6:9.2f} M params  "
+                  f"{str(component.dtype).replace('torch.', ''):8s} {size / 2**20:9.1f} MiB")
+        else:
+            print(f"  {name:10s} {type(component).__name__}")
+    config = dict(pipe.scheduler.config)
+    print("  scheduler: " + ", ".join(f"{k}={config[k]}" for k in sorted(config) if config[k] is not None))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("-o", "--output", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files instead of picking new names")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models: generate, upscale, "
+                                     "train, convert.", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("txt2img", help="images from a text prompt", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--model", help="pipeline folder or Hub id")
+    p.add_argument("--n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--upscale", action="store_true", help="then upscale 4x with --upscale-model")
+    p.add_argument("--upscale-model", dest="upscale_model")
+    p.add_argument("--upscale-steps", dest="upscale_steps", type=int, default=50)
+    p.add_argument("--grid", action="store_true", help="also save a grid of all images")
+    p.add_argument("--from-png", dest="from_png", help="regenerate from the metadata of an ldmkit PNG")
+    _common(p)
+    p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("upscale", help="4x super-resolution of image files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", help="super-resolution pipeline folder or Hub id")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tiling", dest="no_tiling", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("sample", help="unconditional samples")
+    p.add_argument("--model", help="unconditional pipeline folder or Hub id")
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0)
+    _common(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="components, parameter counts, dtypes, sizes, scheduler")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose code lives beside what they drive (training, conversion)."""
+    try:
+        from .training.cli import add_train_parser
+    except ModuleNotFoundError as e:  # training extras (accelerate, pyyaml) not installed
+        if e.name not in ("accelerate", "yaml", "ldmkit.training.cli"):
+            raise
+        p = sub.add_parser("train", help="train an autoencoder or an LDM (needs `pip install ldmkit[train]`)")
+        p.set_defaults(func=lambda args: _missing_extra("train"))
+    else:
+        add_train_parser(sub)
+
+
+def _missing_extra(extra: str) -> int:
+    raise UserError(f"this command needs the optional dependencies: pip install 'ldmkit[{extra}]'.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from .errors import LDMKitError
+
+    if getattr(args, "quiet", False):
+        from .pipelines import pipeline_utils
+
+        pipeline_utils.DEFAULT_PROGRESS = {"disable": True}
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, LDMKitError) as e:
+        print(f"ldmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldmkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The ldmkit command line, run in-process on the tiny pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from ldmkit.cli import main, read_png_metadata
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.strip().splitlines(), err.strip().splitlines()
+
+
+def test_txt2img_metadata_round_trip_and_no_overwrite(capsys, tiny_text2img_dir, tmp_path):
+    base = ["txt2img", "a red square", "--model", tiny_text2img_dir, "--steps", "2", "--seed", "3", "--quiet",
+            "--eta", "0.5", "-o", tmp_path]
+    code, out, _ = run(capsys, *base, "--n", "2", "--grid")
+    assert code == 0 and len(out) == 3  # two images and the grid
+    first = out[0]
+    meta = read_png_metadata(first)
+    assert meta["prompt"] == "a red square" and meta["seed"] == 3 and meta["steps"] == 2
+    assert "ldmkit_version" in meta
+    code, again, _ = run(capsys, "txt2img", "--from-png", first, "-o", tmp_path, "--quiet")
+    assert code == 0 and again[0] != first  # a new name: nothing is overwritten
+    a, b = (np.asarray(PIL.Image.open(p)) for p in (first, again[0]))
+    assert np.array_equal(a, b)  # regenerating from the metadata gives the same pixels
+    code, forced, _ = run(capsys, *base, "--force")
+    assert code == 0 and forced[0] == first
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["txt2img", "a cat"], "no --model"),
+        (["txt2img", "--model", "x"], "give a prompt"),
+        (["txt2img", "a cat", "--model", "/no/such/folder"], "No folder"),
+        (["info", "/no/such/folder"], "No folder"),
+    ],
+)
+def test_user_errors_are_one_line(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code != 0 and len(err) == 1 and message in err[0]
+
+
+def test_bad_sizes_are_one_line(capsys, tiny_text2img_dir, tmp_path):
+    code, _, err = run(capsys, "txt2img", "a cat", "--model", tiny_text2img_dir, "--height", "60", "-o", tmp_path,
+                       "--quiet")
+    assert code == 2 and len(err) == 1 and "multiples of 8" in err[0]
+
+
+def test_upscale_and_missing_image(capsys, tiny_superres_dir, tmp_path):
+    src = tmp_path / "small.png"
+    PIL.Image.new("RGB", (9, 7), (200, 30, 30)).save(src)
+    code, out, _ = run(capsys, "upscale", src, "--model", tiny_superres_dir, "--steps", "2", "-o", tmp_path / "o",
+                       "--quiet")
+    assert code == 0 and PIL.Image.open(out[0]).size == (36, 28)
+    code, _, err = run(capsys, "upscale", tmp_path / "nope.png", "--model", tiny_superres_dir, "--quiet")
+    assert code == 2 and len(err) == 1 and "does not exist" in err[0]
+
+
+def test_sample_and_scheduler_choice(capsys, tiny_uncond_dir, tmp_path):
+    code, out, _ = run(capsys, "sample", "--model", tiny_uncond_dir, "--n", "2", "--steps", "3", "--seed", "1",
+                       "--scheduler", "dpm++2m", "-o", tmp_path, "--quiet")
+    assert code == 0 and len(out) == 2
+    assert read_png_metadata(out[1])["seed"] == 2 and read_png_metadata(out[1])["scheduler"] == "dpm++2m"
+
+
+def test_info(capsys, tiny_text2img_dir):
+    code, out, _ = run(capsys, "info", tiny_text2img_dir)
+    assert code == 0 and out[0].startswith("LDMTextToImagePipeline")
+    assert any("UNet2DConditionModel" in line and "M params" in line for line in out)
+    assert any(line.strip().startswith("scheduler:") for line in out)
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
