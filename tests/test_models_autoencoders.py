@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import perturb  # pytest puts tests/ (no __init__.py) on sys.path
 from ldmkit.errors import LDMKitError
 from ldmkit.models import AutoencoderKL, DiagonalGaussianDistribution, VQModel
+from ldmkit.models.resnet import Upsample2D
 
 TOL = 1e-5
 
@@ -22,20 +24,12 @@ TINY_VQ = dict(in_channels=3, out_channels=3, latent_channels=3, block_out_chann
                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, num_vq_embeddings=32)
 
 
-def perturb(model: torch.nn.Module, seed: int) -> None:
-    """Random init leaves some weights at zero or one: give every parameter a visible random offset."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-
-
 def save_diffusers(cls_name: str, config: dict, folder, seed: int = 0):
     import diffusers
 
     torch.manual_seed(seed)
     model = getattr(diffusers, cls_name)(**config).eval()
-    perturb(model, seed=seed + 1)
+    perturb(model, seed=seed + 1)  # random init leaves weights at 0 / 1: make parity meaningful
     model.save_pretrained(folder)
     return model
 
@@ -65,7 +59,10 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- AutoencoderKL ------------------------------------------------------------------------------------
 
-def test_kl_encode_sample_decode_match_diffusers(tiny_kl):
+@pytest.mark.parametrize("phase_split", [False, True])
+def test_kl_encode_sample_decode_match_diffusers(tiny_kl, monkeypatch, phase_split):
+    if phase_split:  # the low-resolution upsample+conv path, whatever the input size
+        monkeypatch.setattr(Upsample2D, "PHASE_SPLIT_MIN_PIXELS", 1)
     _, theirs, ours = tiny_kl
     x = images()  # non-square
     with torch.no_grad():
@@ -174,7 +171,10 @@ def test_diagonal_gaussian_kl_and_nll():
 
 # --- VQModel ------------------------------------------------------------------------------------------
 
-def test_vq_encode_quantize_decode_match_diffusers(tiny_vq):
+@pytest.mark.parametrize("phase_split", [False, True])
+def test_vq_encode_quantize_decode_match_diffusers(tiny_vq, monkeypatch, phase_split):
+    if phase_split:
+        monkeypatch.setattr(Upsample2D, "PHASE_SPLIT_MIN_PIXELS", 1)
     _, theirs, ours = tiny_vq
     x = images()  # non-square
     with torch.no_grad():

@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import perturb  # pytest puts tests/ (no __init__.py) on sys.path
 from ldmkit.errors import LDMKitError
 from ldmkit.models import UNet2DConditionModel, UNet2DModel
+from ldmkit.models.resnet import Upsample2D
 
 TOL = 1e-5
 
@@ -40,20 +42,12 @@ RICH_UNET2D = dict(
     upsample_type="resnet", num_class_embeds=3, mid_block_scale_factor=1.5)
 
 
-def perturb(model: torch.nn.Module, seed: int) -> None:
-    """Random init leaves some weights at zero or one: give every parameter a visible random offset."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-
-
 def save_diffusers(cls_name: str, config: dict, folder, seed: int = 0):
     import diffusers
 
     torch.manual_seed(seed)
     model = getattr(diffusers, cls_name)(**config).eval()
-    perturb(model, seed=seed + 1)
+    perturb(model, seed=seed + 1)  # random init leaves weights at 0 / 1: make parity meaningful
     model.save_pretrained(folder)
     return model
 
@@ -107,7 +101,10 @@ def test_condition_unet_attention_mask_matches_diffusers(tiny_cond):
     assert max_diff(got[1], unmasked[1]) <= TOL and max_diff(got[0], unmasked[0]) > 1e-4
 
 
-def test_condition_unet_rich_config_matches_diffusers(tmp_path):
+@pytest.mark.parametrize("phase_split", [False, True])
+def test_condition_unet_rich_config_matches_diffusers(tmp_path, monkeypatch, phase_split):
+    if phase_split:  # the low-resolution upsample+conv path, whatever the input size
+        monkeypatch.setattr(Upsample2D, "PHASE_SPLIT_MIN_PIXELS", 1)
     theirs = save_diffusers("UNet2DConditionModel", RICH_COND, tmp_path)
     ours = UNet2DConditionModel.from_pretrained(tmp_path)
     gen = torch.Generator().manual_seed(2)
@@ -208,7 +205,10 @@ def test_unet2d_matches_diffusers(tiny_unet2d, timestep):
     assert max_diff(got, ref) <= TOL
 
 
-def test_unet2d_rich_config_matches_diffusers(tmp_path):
+@pytest.mark.parametrize("phase_split", [False, True])
+def test_unet2d_rich_config_matches_diffusers(tmp_path, monkeypatch, phase_split):
+    if phase_split:
+        monkeypatch.setattr(Upsample2D, "PHASE_SPLIT_MIN_PIXELS", 1)
     theirs = save_diffusers("UNet2DModel", RICH_UNET2D, tmp_path)
     ours = UNet2DModel.from_pretrained(tmp_path)
     sample = torch.randn(2, 6, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -287,3 +287,46 @@ def assert_same_parameters(diffusers_cls, ldmkit_cls, config: dict) -> None:
     expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == expected
+
+
+# --- shared blocks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 4, 1, 1)])
+def test_upsample_conv_by_phases_equals_upsample_then_conv(shape):
+    import torch.nn.functional as F
+
+    from ldmkit.models.resnet import upsample_conv_by_phases
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    weight = torch.randn(6, shape[1], 3, 3, generator=gen, requires_grad=True)
+    bias = torch.randn(6, generator=gen, requires_grad=True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    got = upsample_conv_by_phases(x, weight, bias)
+    assert max_diff(got, ref) <= 1e-4 * ref.abs().max().item()
+    grad = torch.randn(ref.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(ref, (x, weight, bias), grad),
+                    torch.autograd.grad(got, (x, weight, bias), grad)):
+        assert max_diff(a, b) <= 1e-4 * a.abs().max().item()
+    channels_last = upsample_conv_by_phases(x.detach().contiguous(memory_format=torch.channels_last), weight, bias)
+    assert max_diff(channels_last, ref) <= 1e-4 * ref.abs().max().item()
+
+
+def test_channels_last_models_give_the_same_output(tiny_cond, tiny_unet2d, monkeypatch):
+    """Converting a model with .to(memory_format=torch.channels_last) (faster convolutions on CPU) is safe."""
+    monkeypatch.setattr(Upsample2D, "PHASE_SPLIT_MIN_PIXELS", 64)  # both upsampling paths in one model
+    _, _, cond = tiny_cond
+    _, _, unet2d = tiny_unet2d
+    gen = torch.Generator().manual_seed(4)
+    sample, context, sr_input = (torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 3, 32, generator=gen),
+                                 torch.randn(1, 6, 16, 16, generator=gen))
+    with torch.no_grad():
+        ref_cond, ref_sr = cond(sample, 5, context).sample, unet2d(sr_input, 5).sample
+        for model in (cond, unet2d):
+            model.to(memory_format=torch.channels_last)
+        try:
+            assert max_diff(cond(sample, 5, context).sample, ref_cond) <= TOL
+            assert max_diff(unet2d(sr_input, 5).sample, ref_sr) <= TOL
+        finally:
+            for model in (cond, unet2d):
+                model.to(memory_format=torch.contiguous_format)

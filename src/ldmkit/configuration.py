@@ -38,6 +38,10 @@ class FrozenDict(dict):
 
     __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _readonly  # type: ignore
 
+    def __reduce__(self):
+        # copy, deepcopy and pickle rebuild through the constructor, not item assignment.
+        return (type(self), (dict(self),))
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple | list):

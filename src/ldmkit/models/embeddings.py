@@ -71,3 +71,23 @@ def broadcast_to_batch(values, batch_size: int, device: torch.device, name: str 
         raise LDMKitError(f"{name} must be a number or hold 1 or batch-size ({batch_size}) values, "
                           f"got {tensor.numel()} values.")
     return tensor.expand(batch_size)
+
+
+def embed_time_and_class(unet: nn.Module, timestep, class_labels, batch_size: int,
+                         sample: torch.Tensor) -> torch.Tensor:
+    """A UNet's conditioning vector: ``time_embedding(sinusoid(t))``, plus ``class_embedding(y)`` if any.
+
+    ``unet`` provides ``time_proj``, ``time_embedding`` and ``class_embedding`` (None without classes).
+    """
+    timesteps = broadcast_to_batch(timestep, batch_size, sample.device)
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(sample.dtype))
+    if unet.class_embedding is not None:
+        if class_labels is None:
+            raise LDMKitError(f"This {type(unet).__name__} is class-conditional (num_class_embeds is set): "
+                              "pass class_labels.")
+        labels = broadcast_to_batch(class_labels, batch_size, sample.device, "class_labels")
+        emb = emb + unet.class_embedding(labels).to(emb.dtype)
+    elif class_labels is not None:
+        raise LDMKitError(f"class_labels were given but this {type(unet).__name__} has no class embedding "
+                          "(num_class_embeds).")
+    return emb

@@ -13,6 +13,7 @@ ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GE
 
 
 def get_activation(name: str) -> nn.Module:
+    """A new activation module for a diffusers ``act_fn`` name."""
     try:
         return ACTIVATIONS[name]()
     except KeyError:
@@ -46,7 +47,14 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Double the resolution by nearest-neighbour interpolation, then (optionally) a 3x3 conv."""
+    """Double the resolution by nearest-neighbour interpolation, then (optionally) a 3x3 conv.
+
+    For large inputs the pair is computed on the low-resolution grid instead (see
+    :func:`upsample_conv_by_phases`): the same map with 16 instead of 36 multiply-adds per input pixel.
+    """
+
+    # Below this many low-resolution pixels (batch * H * W) folding the kernel costs more than it saves.
+    PHASE_SPLIT_MIN_PIXELS = 1024
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
         super().__init__()
@@ -56,11 +64,48 @@ class Upsample2D(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None
                 ) -> torch.Tensor:
+        if output_size is None and self.conv is not None and (
+                hidden_states.shape[0] * hidden_states.shape[2] * hidden_states.shape[3]
+                >= self.PHASE_SPLIT_MIN_PIXELS):
+            return upsample_conv_by_phases(hidden_states, self.conv.weight, self.conv.bias)
         if output_size is None:
             hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
         else:
             hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
         return hidden_states if self.conv is None else self.conv(hidden_states)
+
+
+# _FOLD[a, p, y] = 1 where tap p of output phase a (even / odd row) collects kernel row y. Output row 2i
+# reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i: taps (w0, w1 + w2) on inputs (i-1, i);
+# output row 2i+1 reads input rows i, i, i+1: taps (w0 + w1, w2) on inputs (i, i+1). Columns alike.
+_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def upsample_conv_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3x3(nearest_upsample_2x(x))`` (padding 1) computed without materialising the upsampled input.
+
+    Each output phase ``(2i + a, 2j + c)`` is a 2x2 convolution of the zero-padded input with folded
+    weights (16 instead of 36 multiply-adds per input pixel); one convolution computes the four phases,
+    which are then interleaved. Equal to the direct computation up to float rounding.
+    """
+    batch, _, height, width = x.shape
+    out_channels, in_channels = weight.shape[:2]
+    fold = torch.tensor(_FOLD, dtype=weight.dtype, device=weight.device)
+    # (3x3 kernel position) -> (phase a, phase c, tap p, tap q), as one small matrix product.
+    taps = torch.einsum("apy,cqx->yxacpq", fold, fold).reshape(9, 16)
+    kernels = (weight.reshape(out_channels * in_channels, 9) @ taps).view(out_channels, in_channels, 2, 2, 2, 2)
+    kernels = kernels.permute(2, 3, 0, 1, 4, 5).reshape(4 * out_channels, in_channels, 2, 2)
+    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, None if bias is None else bias.repeat(4))
+    phases = phases.unflatten(1, (2, 2, out_channels))  # (B, a, c, O, H + 1, W + 1)
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        out = x.new_empty(batch, out_channels, height, 2, width, 2)
+    else:  # keep a channels-last model channels-last
+        out = x.new_empty(batch, height, 2, width, 2, out_channels).permute(0, 5, 1, 2, 3, 4)
+    for a in (0, 1):
+        for c in (0, 1):
+            # Phase (a, c) reads padded rows a .. a + H and columns c .. c + W.
+            out[:, :, :, a, :, c] = phases[:, a, c, :, a:a + height, c:c + width]
+    return out.reshape(batch, out_channels, 2 * height, 2 * width)  # a view in both layouts
 
 
 class ResnetBlock2D(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import LDMKitError
-from .embeddings import TimestepEmbedding, Timesteps, broadcast_to_batch
+from .embeddings import TimestepEmbedding, Timesteps, embed_time_and_class
 from .modeling_utils import ModelMixin
 from .resnet import get_activation
 from .unet_2d_blocks import UNetMidBlock2DCrossAttn, check_spatial_input, get_down_block, get_up_block
@@ -185,17 +185,7 @@ class UNet2DConditionModel(ModelMixin):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
-        timesteps = broadcast_to_batch(timestep, batch, sample.device)
-        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
-        if self.class_embedding is not None:
-            if class_labels is None:
-                raise LDMKitError("This UNet is class-conditional (num_class_embeds is set): "
-                                  "pass class_labels.")
-            labels = broadcast_to_batch(class_labels, batch, sample.device, "class_labels")
-            emb = emb + self.class_embedding(labels).to(emb.dtype)
-        elif class_labels is not None:
-            raise LDMKitError("class_labels were given but this UNet has no class embedding "
-                              "(num_class_embeds).")
+        emb = embed_time_and_class(self, timestep, class_labels, batch, sample)
 
         mask_bias = None
         if encoder_attention_mask is not None:

@@ -9,6 +9,7 @@ except :class:`SchedulerMixin`, which keeps the per-object state (``betas``, ``a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -19,7 +20,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from ..configuration import ConfigMixin
+from ..configuration import DIFFUSERS_LAYOUT_VERSION, ConfigMixin, FrozenDict
 from ..errors import LDMKitError
 from ..loading.hub import resolve_folder
 
@@ -376,6 +377,35 @@ class SchedulerMixin(ConfigMixin):
             logger.debug("%s ignores config keys of other schedulers: %s", cls.__name__,
                          ", ".join(sorted(quiet)))
         return accepted, {k: v for k, v in unknown.items() if k not in sibling}
+
+    @classmethod
+    def from_config(cls, config: Mapping | None = None, **overrides):
+        """Build from a config (e.g. ``other_scheduler.config``), with keyword overrides, as diffusers does:
+
+        * fields the source config only had at its class's default (listed in ``_use_default_values``) are
+          not passed on, so ``Euler.from_config(ddim.config)`` for a DDIM config that never chose a
+          ``timestep_spacing`` uses Euler's own default (``linspace``), not DDIM's (``leading``);
+        * fields this class does not take stay in its config, so DDIM -> Euler -> DDIM keeps
+          ``clip_sample=False`` and ``set_alpha_to_one=False``.
+        """
+        config = dict(config or {})
+        defaulted = set(config.pop("_use_default_values", ()))
+        config = {k: v for k, v in config.items() if k not in defaulted}
+        config.update(overrides)
+        scheduler = super().from_config(config)
+        own = set(cls._config_fields())
+        kept = {k: v for k, v in config.items() if k not in own and not k.startswith("_")}
+        unset = sorted(own - set(config))
+        if unset:
+            kept["_use_default_values"] = unset
+        scheduler._internal_config = FrozenDict({**kept, **scheduler.config})
+        return scheduler
+
+    def config_to_json(self) -> str:
+        # The defaults marker is in-memory bookkeeping; diffusers does not write it either.
+        data = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION}
+        data.update({k: v for k, v in self.config.items() if k != "_use_default_values"})
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def _config_fields(cls) -> list[str]:
