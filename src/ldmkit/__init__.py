@@ -6,6 +6,7 @@ from .configuration import ConfigMixin, FrozenDict
 from .errors import LDMKitError
 from .models import (
     AutoencoderKL,
+    ClassEmbedder,
     LDMBertModel,
     ModelMixin,
     UNet2DConditionModel,
@@ -15,6 +16,8 @@ from .models import (
 from .pipelines import (
     DiffusionPipeline,
     ImagePipelineOutput,
+    LDMClassConditionalPipeline,
+    LDMInpaintPipeline,
     LDMPipeline,
     LDMSuperResolutionPipeline,
     LDMTextToImagePipeline,
@@ -36,6 +39,7 @@ from .tokenizer import LDMTokenizer
 
 __all__ = [
     "AutoencoderKL",
+    "ClassEmbedder",
     "ConfigMixin",
     "DDIMScheduler",
     "DDPMScheduler",
@@ -48,6 +52,8 @@ __all__ = [
     "HeunDiscreteScheduler",
     "ImagePipelineOutput",
     "LDMBertModel",
+    "LDMClassConditionalPipeline",
+    "LDMInpaintPipeline",
     "LDMKitError",
     "LDMPipeline",
     "LDMSuperResolutionPipeline",

@@ -317,6 +317,8 @@ def _add_optional_commands(sub) -> None:
         p.set_defaults(func=lambda args: _missing_extra("train"))
     else:
         add_train_parser(sub)
+    from .loading.convert_cli import add_convert_parser
+    add_convert_parser(sub)
 
 
 def _missing_extra(extra: str) -> int:

@@ -29,6 +29,8 @@ def _component_classes() -> dict[tuple[str, str], type]:
     table: dict[tuple[str, str], type] = {}
     for name in models.MODEL_NAMES:
         table[("diffusers", name)] = getattr(models, name)
+    for name in models.LDMKIT_MODEL_NAMES:
+        table[("ldmkit", name)] = getattr(models, name)
     for name in schedulers.__all__:
         if name.endswith("Scheduler"):
             table[("diffusers", name)] = getattr(schedulers, name)
@@ -40,13 +42,15 @@ def _component_classes() -> dict[tuple[str, str], type]:
 
 def on_disk_name(component) -> list[str]:
     """The [library, class name] that diffusers expects in model_index.json for ``component``."""
-    from .. import tokenizer
+    from .. import models, tokenizer
 
     name = type(component).__name__
     if isinstance(component, tokenizer.LDMTokenizer):
         return ["transformers", "BertTokenizer"]
     if name == "LDMBertModel":
         return ["latent_diffusion", "LDMBertModel"]
+    if name in models.LDMKIT_MODEL_NAMES:
+        return ["ldmkit", name]
     return ["diffusers", name]
 
 

@@ -2,6 +2,7 @@
 
 from .attention import Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
 from .autoencoder_kl import AutoencoderKL, AutoencoderKLOutput
+from .class_embedder import ClassEmbedder
 from .embeddings import TimestepEmbedding, Timesteps, timestep_embedding
 from .ldmbert import LDMBertModel
 from .modeling_utils import ModelMixin
@@ -13,13 +14,17 @@ from .vq_model import VQEncoderOutput, VQModel
 
 # The diffusers model classes ldmkit implements, by the name model_index.json gives them.
 MODEL_NAMES = ("AutoencoderKL", "UNet2DConditionModel", "UNet2DModel", "VQModel")
+# ldmkit's own model classes, written to model_index.json as ["ldmkit", name] (diffusers has no equivalent).
+LDMKIT_MODEL_NAMES = ("ClassEmbedder",)
 
 __all__ = [
+    "LDMKIT_MODEL_NAMES",
     "MODEL_NAMES",
     "Attention",
     "AutoencoderKL",
     "AutoencoderKLOutput",
     "BasicTransformerBlock",
+    "ClassEmbedder",
     "Decoder",
     "DecoderOutput",
     "DiagonalGaussianDistribution",

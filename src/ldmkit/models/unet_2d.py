@@ -24,7 +24,9 @@ class UNet2DModel(ModelMixin):
 
     Used by LDM for unconditional latent generation and, with the low-resolution image concatenated to
     the latent as extra input channels, for super-resolution (Rombach et al. 2022, sec. 4.4). Here
-    ``attention_head_dim`` is the size of one attention head (``None``: one head per block).
+    ``attention_head_dim`` is the size of one attention head (``None``: one head per block); ldmkit also
+    accepts one value per block (the mid block uses the last), which original CompVis UNets with a fixed
+    head count and growing widths need (diffusers takes only one value).
     Config fields and parameter names are those of diffusers' ``UNet2DModel``.
     """
 
@@ -51,7 +53,7 @@ class UNet2DModel(ModelMixin):
         upsample_type: str = "conv",
         dropout: float = 0.0,
         act_fn: str = "silu",
-        attention_head_dim: int | None = 8,
+        attention_head_dim: int | list[int | None] | None = 8,
         norm_num_groups: int = 32,
         attn_norm_num_groups: int | None = None,
         norm_eps: float = 1e-5,
@@ -71,6 +73,13 @@ class UNet2DModel(ModelMixin):
             raise LDMKitError(f"mid_block_type={mid_block_type!r} is not supported; "
                               "use 'UNetMidBlock2D' or None.")
         self._downsample_factor = 2 ** (num_blocks - 1)
+        if isinstance(attention_head_dim, list | tuple):
+            if len(attention_head_dim) != num_blocks:
+                raise LDMKitError(f"attention_head_dim has {len(attention_head_dim)} entries but the UNet has "
+                                  f"{num_blocks} down blocks; give one value or one per block.")
+            head_dims = list(attention_head_dim)
+        else:
+            head_dims = [attention_head_dim] * num_blocks
 
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
@@ -88,7 +97,7 @@ class UNet2DModel(ModelMixin):
             self.down_blocks.append(get_down_block(
                 block_type, in_channels=in_ch, out_channels=out_ch, add_downsample=i < num_blocks - 1,
                 downsample_padding=downsample_padding, downsample_type=downsample_type,
-                attention_head_dim=attention_head_dim or out_ch, **shared))
+                attention_head_dim=head_dims[i] or out_ch, **shared))
 
         self.mid_block = None
         if mid_block_type is not None:
@@ -96,7 +105,7 @@ class UNet2DModel(ModelMixin):
                 block_out_channels[-1], time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
                 resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift,
                 output_scale_factor=mid_block_scale_factor, dropout=dropout, add_attention=add_attention,
-                attention_head_dim=attention_head_dim or block_out_channels[-1],
+                attention_head_dim=head_dims[-1] or block_out_channels[-1],
                 attn_groups=attn_norm_num_groups)
 
         self.up_blocks = nn.ModuleList()
@@ -109,7 +118,7 @@ class UNet2DModel(ModelMixin):
             self.up_blocks.append(get_up_block(
                 block_type, in_channels=skip_ch, prev_output_channel=prev_ch, out_channels=out_ch,
                 add_upsample=i < num_blocks - 1, upsample_type=upsample_type,
-                attention_head_dim=attention_head_dim or out_ch, **shared))
+                attention_head_dim=head_dims[::-1][i] or out_ch, **shared))
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_act = nn.SiLU()

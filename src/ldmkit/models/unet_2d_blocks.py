@@ -81,6 +81,39 @@ class DownBlock2D(nn.Module):
         return hidden_states, skips
 
 
+class ResnetDownsampleBlock2D(nn.Module):
+    """Residual blocks, then a residual block that halves the resolution by average pooling inside it.
+
+    The ``resblock_updown`` levels of the ADM / LDM UNet (Dhariwal & Nichol 2021, sec. 3) without attention;
+    diffusers' block of the same name and parameter names.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, num_layers: int = 1,
+                 resnet_eps: float = 1e-6, resnet_act_fn: str = "silu", resnet_groups: int = 32,
+                 resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
+                 dropout: float = 0.0, add_downsample: bool = True):
+        super().__init__()
+        self.resnets = _resnets(in_channels, out_channels, num_layers, temb_channels, resnet_eps,
+                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
+                                dropout)
+        self.downsamplers = None
+        if add_downsample:
+            self.downsamplers = nn.ModuleList([ResnetBlock2D(
+                in_channels=out_channels, temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps,
+                act_fn=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
+                output_scale_factor=output_scale_factor, dropout=dropout, down=True)])
+
+    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
+        skips = []
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states, temb)
+            skips.append(hidden_states)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states, temb)
+            skips.append(hidden_states)
+        return hidden_states, skips
+
+
 class AttnDownBlock2D(nn.Module):
     """Residual blocks each followed by a spatial self-attention, then an optional downsampler.
 
@@ -185,6 +218,35 @@ class UpBlock2D(nn.Module):
             hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states)
+        return hidden_states
+
+
+class ResnetUpsampleBlock2D(nn.Module):
+    """Residual blocks over ``concat(hidden, skip)``, then a residual block that doubles the resolution
+    (nearest neighbour) inside it: the ``resblock_updown`` up levels of the ADM / LDM UNet without attention."""
+
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int,
+                 temb_channels: int | None, num_layers: int = 1, resnet_eps: float = 1e-6,
+                 resnet_act_fn: str = "silu", resnet_groups: int = 32,
+                 resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
+                 dropout: float = 0.0, add_upsample: bool = True):
+        super().__init__()
+        self.resnets = _resnets(prev_output_channel, out_channels, num_layers, temb_channels, resnet_eps,
+                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
+                                dropout, _up_skip_channels(in_channels, out_channels, num_layers))
+        self.upsamplers = None
+        if add_upsample:
+            self.upsamplers = nn.ModuleList([ResnetBlock2D(
+                in_channels=out_channels, temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps,
+                act_fn=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
+                output_scale_factor=output_scale_factor, dropout=dropout, up=True)])
+
+    def forward(self, hidden_states, skips, temb=None, encoder_hidden_states=None,
+                encoder_attention_mask=None):
+        for resnet in self.resnets:
+            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states, temb)
         return hidden_states
 
 
@@ -366,12 +428,14 @@ class UpDecoderBlock2D(nn.Module):
 
 DOWN_BLOCKS = {
     "DownBlock2D": DownBlock2D,
+    "ResnetDownsampleBlock2D": ResnetDownsampleBlock2D,
     "AttnDownBlock2D": AttnDownBlock2D,
     "CrossAttnDownBlock2D": CrossAttnDownBlock2D,
     "DownEncoderBlock2D": DownEncoderBlock2D,
 }
 UP_BLOCKS = {
     "UpBlock2D": UpBlock2D,
+    "ResnetUpsampleBlock2D": ResnetUpsampleBlock2D,
     "AttnUpBlock2D": AttnUpBlock2D,
     "CrossAttnUpBlock2D": CrossAttnUpBlock2D,
     "UpDecoderBlock2D": UpDecoderBlock2D,

@@ -14,9 +14,9 @@ from .pipeline_utils import (
     check_latents,
     check_output_type,
     check_sampling_args,
+    compvis_step,
     convert_images,
     decode_latents,
-    step_kwargs,
 )
 
 
@@ -166,7 +166,6 @@ class LDMTextToImagePipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
-        extra = step_kwargs(self.scheduler, eta, generator)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, latents]) if need_cond and need_uncond else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -174,7 +173,8 @@ class LDMTextToImagePipeline(DiffusionPipeline):
             if need_cond and need_uncond:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
+                                   self.draw_noise_every_step).prev_sample
             if callback_on_step_end is not None:
                 tensors = {"latents": latents, "noise_pred": noise_pred}
                 result = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})

@@ -18,8 +18,8 @@ from .pipeline_utils import (
     check_latents,
     check_output_type,
     check_sampling_args,
+    compvis_step,
     convert_images,
-    step_kwargs,
 )
 from .tiling import blend_tiles
 
@@ -122,7 +122,6 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
-        extra = step_kwargs(self.scheduler, eta, generator)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if use_tiles:
                 noise_pred = blend_tiles(
@@ -131,7 +130,8 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
                     ph, pw, tile, overlap)
             else:
                 noise_pred = denoise(latents, cond, t)
-            latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
+                                   self.draw_noise_every_step).prev_sample
             if callback is not None:
                 result = callback(self, i, t, {"latents": latents})
                 if result:

@@ -14,9 +14,9 @@ from .pipeline_utils import (
     check_latents,
     check_output_type,
     check_sampling_args,
+    compvis_step,
     convert_images,
     decode_latents,
-    step_kwargs,
 )
 
 
@@ -59,10 +59,10 @@ class LDMPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
-        extra = step_kwargs(self.scheduler, eta, generator)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             noise_pred = self.unet(self.scheduler.scale_model_input(latents, t), t).sample
-            latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
+                                   self.draw_noise_every_step).prev_sample
             if callback_on_step_end is not None:
                 result = callback_on_step_end(self, i, t, {"latents": latents})
                 if result:

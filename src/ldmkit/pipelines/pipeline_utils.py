@@ -66,7 +66,11 @@ class DiffusionPipeline:
     """Base of every pipeline.
 
     Subclasses list their components in ``__init__``'s signature; those names are the folder names on disk.
+    ``draw_noise_every_step`` reproduces the original CompVis samplers' noise stream (a draw at every step,
+    even where it is multiplied by 0); pipelines built by ``from_single_file`` turn it on.
     """
+
+    draw_noise_every_step = False
 
     def __init__(self, **components):
         for name, component in components.items():
@@ -158,6 +162,33 @@ class DiffusionPipeline:
             loaded[name] = diffusers_layout.load_component(folder, name, index[name], torch_dtype, variant)
         return pipeline_cls(**loaded)
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        config: str | os.PathLike | dict | None = None,
+        use_ema: bool | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        tokenizer=None,
+    ):
+        """Load an original CompVis checkpoint (``.ckpt``, ``.safetensors`` or a bare state dict) with the
+        ``config.yaml`` it was trained with; the YAML says which pipeline (text-to-image, super-resolution,
+        unconditional, class-conditional, inpainting).
+
+        ``use_ema``: None samples with the EMA weights when the YAML enables EMA (its default) and the file
+        has them, as the original scripts (``model.ema_scope()``); True requires them; False uses the live
+        weights. ``tokenizer`` (text-to-image only): BERT's vocabulary (an LDMTokenizer or a folder); None
+        fetches bert-base-uncased's, as the original. The scheduler is the original DDIM sampler.
+        """
+        from ..loading.compvis import load_compvis_pipeline
+
+        pipe = load_compvis_pipeline(path, config, use_ema=use_ema, torch_dtype=torch_dtype, tokenizer=tokenizer)
+        if cls is not DiffusionPipeline and not isinstance(pipe, cls):
+            raise LDMKitError(f"{path} with this config is a {type(pipe).__name__}, not a {cls.__name__}. "
+                              f"Load it with {type(pipe).__name__} or DiffusionPipeline.")
+        pipe.draw_noise_every_step = True  # the original samplers' noise stream, so seeds reproduce theirs
+        return pipe
+
     def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
         """Write the pipeline in the diffusers layout (diffusers' from_pretrained reads it)."""
         folder = Path(folder)
@@ -223,3 +254,35 @@ def decode_latents(decoder, latents: torch.Tensor, scale: float) -> torch.Tensor
         finally:
             decoder.to(original)
     return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def compvis_step(scheduler, noise_pred: torch.Tensor, t, latents: torch.Tensor, eta: float, generator,
+                 draw_noise_every_step: bool):
+    """``scheduler.step`` with, optionally, the noise stream of the original CompVis samplers.
+
+    Their DDIM and PLMS steps draw ``torch.randn(x.shape)`` at every step, also when it is multiplied by 0
+    (eta = 0, PLMS), so a seed gives the same later draws as the original only if these draws happen too.
+    With ``draw_noise_every_step`` the draw is made here from ``generator``: DDIM receives it as its
+    ``variance_noise`` (it is the draw it would make itself at eta > 0); schedulers that draw no noise
+    (PNDM) drop it. Schedulers that draw their own noise otherwise are left alone.
+    """
+    from ..randomness import randn_tensor
+
+    kwargs = step_kwargs(scheduler, eta, generator)
+    if draw_noise_every_step:
+        params = inspect.signature(scheduler.step).parameters
+        if "variance_noise" in params or "generator" not in params:
+            noise = randn_tensor(noise_pred.shape, generator, noise_pred.device, noise_pred.dtype)
+            if "variance_noise" in params:
+                kwargs.pop("generator", None)
+                kwargs["variance_noise"] = noise
+    return scheduler.step(noise_pred, t, latents, **kwargs)
+
+
+def decode_first_stage(vqvae, latents: torch.Tensor) -> torch.Tensor:
+    """``LatentDiffusion.decode_first_stage`` then ``clamp((x + 1) / 2, 0, 1)``, as the CompVis scripts:
+    ``z * (1 / scale_factor)`` (a multiplication, which differs from a division in the last bit), then the
+    decoder; a VQ decoder quantizes first."""
+    z = latents.to(vqvae.dtype) * (1.0 / vqvae.config.scaling_factor)
+    image = vqvae.decode(z).sample
+    return torch.clamp((image.float() + 1.0) / 2.0, min=0.0, max=1.0)

@@ -1,0 +1,39 @@
+"""The class-label encoder of the class-conditional LDMs (CompVis cin256): one learned vector per class."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LDMKitError
+from .modeling_utils import ModelMixin
+
+
+class ClassEmbedder(ModelMixin):
+    """``tau(y) = E[y]``, a one-token cross-attention context for the UNet (Rombach et al. 2022, sec. 3.3).
+
+    ``forward(class_labels (B,)) -> (B, 1, embed_dim)``. The parameter is ``embedding.weight``
+    (``n_classes x embed_dim``), the name the original ``ClassEmbedder`` uses. cin256 has 1001 classes: the
+    ImageNet ones and, last, the "null" class trained as the unconditional input for classifier-free
+    guidance.
+    """
+
+    def __init__(self, n_classes: int = 1001, embed_dim: int = 512):
+        super().__init__()
+        self.register_config(locals())
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    @property
+    def null_class(self) -> int:
+        """The label of the unconditional ("null") class: the last one."""
+        return self.config.n_classes - 1
+
+    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(class_labels, device=self.embedding.weight.device)
+        if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise LDMKitError(f"ClassEmbedder expects a 1-D tensor of integer class labels, got "
+                              f"{labels.dtype} of shape {tuple(labels.shape)}.")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.n_classes):
+            raise LDMKitError(f"class labels must be in [0, {self.config.n_classes - 1}], got "
+                              f"{labels.tolist()}.")
+        return self.embedding(labels.long())[:, None, :]

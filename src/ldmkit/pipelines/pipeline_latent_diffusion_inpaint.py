@@ -1,0 +1,173 @@
+"""Inpainting latent diffusion (Rombach et al. 2022, sec. 4.5 and appendix; CompVis inpainting_big)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from ..errors import LDMKitError
+from ..randomness import randn_tensor
+from .image_processing import to_tensor
+from .pipeline_utils import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    check_latents,
+    check_output_type,
+    check_sampling_args,
+    compvis_step,
+    convert_images,
+    decode_first_stage,
+)
+
+
+def _mask_to_tensor(mask) -> torch.Tensor:
+    """A mask (PIL, numpy or tensor; one or a list) as (N, 1, H, W) floats in [0, 1] (1 = repaint)."""
+    if isinstance(mask, list | tuple):
+        if not mask:
+            raise LDMKitError("mask_image is an empty list.")
+        return torch.cat([_mask_to_tensor(m) for m in mask])
+    if isinstance(mask, PIL.Image.Image):
+        # scripts/inpaint.py: Image.convert("L"), then / 255.
+        mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, np.ndarray):
+        if mask.dtype != np.uint8 and not np.issubdtype(mask.dtype, np.floating):
+            raise LDMKitError(f"mask_image: numpy masks must be uint8 (0-255) or float (0-1), got {mask.dtype}.")
+        mask = torch.from_numpy(mask.astype(np.float32) / 255.0 if mask.dtype == np.uint8 else
+                                mask.astype(np.float32))
+        if mask.ndim == 4 and mask.shape[-1] == 1:  # (N, H, W, 1)
+            mask = mask[..., 0]
+    if not isinstance(mask, torch.Tensor):
+        raise LDMKitError(f"mask_image must be a PIL image, a numpy array or a tensor, got {type(mask).__name__}.")
+    mask = mask.detach()
+    mask = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask.float()
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise LDMKitError(f"mask_image must be one channel: (H, W), (N, H, W) or (N, 1, H, W), got shape "
+                          f"{tuple(mask.shape)}.")
+    if not torch.isfinite(mask).all():
+        raise LDMKitError("mask_image contains NaN or infinite values.")
+    return mask.cpu()
+
+
+def _image_to_tensor(image) -> torch.Tensor:
+    if isinstance(image, list | tuple):
+        if not image:
+            raise LDMKitError("image is an empty list.")
+        parts = [to_tensor(im, f"image[{i}]") for i, im in enumerate(image)]
+        if any(p.shape[-2:] != parts[0].shape[-2:] for p in parts):
+            raise LDMKitError("All images of one call must have the same size.")
+        return torch.cat(parts)
+    return to_tensor(image)
+
+
+class LDMInpaintPipeline(DiffusionPipeline):
+    """Fills the masked part of an image, keeping the rest.
+
+    The UNet (UNet2DModel) sees ``[z_t, E(masked image), mask]``: the first-stage latent of the image with
+    the masked pixels set to 0 and the mask at latent size, both in [-1, 1] as scripts/inpaint.py makes
+    them. The decoded sample is composited with the input, so the known pixels are kept exactly.
+    Components: ``vqvae`` (VQModel, also the encoder of the conditioning), ``unet``, ``scheduler``. Like the
+    original samplers a noise draw is made at every step (also at eta = 0); set
+    ``draw_noise_every_step = False`` to skip it.
+    """
+
+    draw_noise_every_step = True
+
+    def __init__(self, vqvae, unet, scheduler):
+        super().__init__(vqvae=vqvae, unet=unet, scheduler=scheduler)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def prepare_inputs(self, image, mask_image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image, mask, condition)``: image and mask in [-1, 1] (the mask is +-1 after thresholding at
+        0.5), and the UNet's concat condition ``[E(masked image), mask resized to the latent]``."""
+        image, mask = _image_to_tensor(image), _mask_to_tensor(mask_image)
+        if image.shape[0] != mask.shape[0] and 1 in (image.shape[0], mask.shape[0]):
+            n = max(image.shape[0], mask.shape[0])
+            image, mask = image.expand(n, -1, -1, -1), mask.expand(n, -1, -1, -1)
+        if image.shape[0] != mask.shape[0] or image.shape[-2:] != mask.shape[-2:]:
+            raise LDMKitError(f"image {tuple(image.shape)} and mask_image {tuple(mask.shape)} must have the same "
+                              "size and count (or one of them a single one).")
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        height, width = image.shape[-2:]
+        if height % multiple or width % multiple:
+            raise LDMKitError(f"Inpainting needs height and width that are multiples of {multiple}, got "
+                              f"{height}x{width}; crop or pad the image and mask.")
+        mask = (mask >= 0.5).float()
+        masked = (1 - mask) * image
+        device, dtype = self.vqvae.device, self.vqvae.dtype
+        image, mask, masked = (x.to(device=device, dtype=dtype) * 2.0 - 1.0 for x in (image, mask, masked))
+        encoded = self.vqvae.encode(masked)
+        # A VQ first stage conditions on its latent before quantization; a KL one on the posterior's mode.
+        latent = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()
+        condition = torch.cat([latent, F.interpolate(mask, size=latent.shape[-2:])], dim=1)
+        return image, mask, condition
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        mask_image,
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+    ):
+        """Inpaint ``image`` where ``mask_image`` is 1 (white).
+
+        ``image``: PIL, numpy or tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list; ``mask_image``:
+        PIL (converted to grayscale), numpy or tensor in [0, 1], thresholded at 0.5. One mask can serve
+        several images and the reverse. ``output_type`` "pil", "np", "pt" (N, C, H, W in [0, 1]) give the
+        composite; "latent" the final latents.
+        """
+        check_output_type(output_type)
+        if image is None or mask_image is None:
+            raise LDMKitError("Inpainting needs image and mask_image (white = the part to repaint).")
+        image, mask, condition = self.prepare_inputs(image, mask_image)
+        batch = image.shape[0]
+        check_sampling_args(num_inference_steps, eta, generator, batch)
+        device, dtype = self.unet.device, self.unet.dtype
+        condition = condition.to(device=device, dtype=dtype)
+        shape = (batch, self.unet.config.out_channels, *condition.shape[-2:])
+        if self.unet.config.in_channels != shape[1] + condition.shape[1]:
+            raise LDMKitError(f"The UNet takes {self.unet.config.in_channels} channels, not a latent plus the "
+                              f"{condition.shape[1]}-channel inpainting condition: this is not an inpainting UNet.")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = check_latents(latents, shape, device, dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = torch.cat([self.scheduler.scale_model_input(latents, t), condition], dim=1)
+            noise_pred = self.unet(model_input, t).sample
+            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
+                                   self.draw_noise_every_step).prev_sample
+            if callback_on_step_end is not None:
+                result = callback_on_step_end(self, i, t, {"latents": latents})
+                if result:
+                    latents = result.get("latents", latents)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            predicted = decode_first_stage(self.vqvae, latents)
+            # scripts/inpaint.py: (1 - m) * image + m * prediction, everything back in [0, 1].
+            keep = torch.clamp((mask.float() + 1.0) / 2.0, min=0.0, max=1.0)
+            original = torch.clamp((image.float() + 1.0) / 2.0, min=0.0, max=1.0)
+            images = convert_images((1 - keep) * original + keep * predicted.to(original.device), output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
