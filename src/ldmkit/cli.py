@@ -311,7 +311,7 @@ def _add_optional_commands(sub) -> None:
     try:
         from .training.cli import add_train_parser
     except ModuleNotFoundError as e:  # training extras (accelerate, pyyaml) not installed
-        if e.name not in ("accelerate", "yaml", "ldmkit.training.cli"):
+        if e.name not in ("accelerate", "yaml", "ldmkit.training", "ldmkit.training.cli"):
             raise
         p = sub.add_parser("train", help="train an autoencoder or an LDM (needs `pip install ldmkit[train]`)")
         p.set_defaults(func=lambda args: _missing_extra("train"))
