@@ -318,7 +318,10 @@ def _add_optional_commands(sub) -> None:
     else:
         add_train_parser(sub)
     from .loading.convert_cli import add_convert_parser
+    from .training.emoji_data import add_data_parser
+
     add_convert_parser(sub)
+    add_data_parser(sub)
 
 
 def _missing_extra(extra: str) -> int:
