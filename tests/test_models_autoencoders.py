@@ -255,3 +255,18 @@ def test_published_autoencoders_have_diffusers_keys_and_shapes(cls_name, config)
         ours = getattr(ldmkit.models, cls_name)(**config)
     expected = {k: v.shape for k, v in theirs.state_dict().items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == expected
+
+
+def test_quantizer_blocks_distances_without_changing_codes():
+    """Large latents are quantized in blocks of rows (bounded memory) with the codes of one full argmin."""
+    from ldmkit.models.vae import VectorQuantizer
+
+    quantizer = VectorQuantizer(64, 3)
+    torch.nn.init.normal_(quantizer.embedding.weight, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(1)) * 2
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    full = torch.argmin(torch.cdist(flat, quantizer.embedding.weight), dim=1)
+    quantizer.distance_block = 7  # many blocks, the last one partial
+    z_q, _, indices = quantizer(z)
+    assert torch.equal(indices.reshape(-1), full)
+    assert torch.equal(z_q, quantizer.embedding.weight[full].view(2, 9, 11, 3).permute(0, 3, 1, 2))
