@@ -269,4 +269,5 @@ def test_quantizer_blocks_distances_without_changing_codes():
     quantizer.distance_block = 7  # many blocks, the last one partial
     z_q, _, indices = quantizer(z)
     assert torch.equal(indices.reshape(-1), full)
-    assert torch.equal(z_q, quantizer.embedding.weight[full].view(2, 9, 11, 3).permute(0, 3, 1, 2))
+    expected = quantizer.embedding.weight[full].view(2, 9, 11, 3).permute(0, 3, 1, 2)
+    assert torch.allclose(z_q, expected, atol=1e-6)  # straight-through z + (e - z) rounds in the last bit
