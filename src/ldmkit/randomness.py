@@ -18,6 +18,8 @@ def randn_tensor(shape, generator: Generators = None, device=None, dtype=None) -
     """
     shape = tuple(shape)
     device = torch.device(device or "cpu")
+    if isinstance(generator, list | tuple) and len(generator) == 1:
+        generator = generator[0]  # as diffusers: one generator in a list serves the whole batch
     if isinstance(generator, list | tuple):
         if len(generator) != shape[0]:
             raise LDMKitError(f"Got {len(generator)} generators for a batch of {shape[0]}: pass one generator, "

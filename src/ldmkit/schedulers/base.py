@@ -14,7 +14,7 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from ..configuration import DIFFUSERS_LAYOUT_VERSION, ConfigMixin, FrozenDict
 from ..errors import LDMKitError
 from ..loading.hub import resolve_folder
+from ..randomness import randn_tensor as randn  # noqa: F401  (the one noise-drawing function; used by the steps)
 
 logger = logging.getLogger("ldmkit")
 
@@ -260,39 +261,6 @@ def velocity(alphas_cumprod: torch.Tensor, sample: torch.Tensor, noise: torch.Te
     timesteps = timesteps.to(sample.device)
     return broadcast_to(a[timesteps] ** 0.5, sample) * noise - broadcast_to((1 - a[timesteps]) ** 0.5,
                                                                             sample) * sample
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Noise drawing
-# ---------------------------------------------------------------------------------------------------------
-
-
-def randn(shape: Sequence[int], generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Standard normal noise drawn exactly as diffusers' ``randn_tensor`` draws it, so that a generator
-    gives the same numbers here and there.
-
-    A CPU generator draws on the CPU and the result is moved to ``device``; a list of generators draws one
-    batch element from each.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    rand_device = device
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if generator is not None:
-        gen_type = generator[0].device.type if isinstance(generator, list) else generator.device.type
-        if gen_type != device.type:
-            if gen_type != "cpu":
-                raise LDMKitError(f"Cannot draw {device.type} noise from a {gen_type} generator. "
-                                  f"Create the generator on {device.type} or on the CPU.")
-            rand_device = torch.device("cpu")
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise LDMKitError(f"Got {len(generator)} generators for a batch of {shape[0]}. "
-                              "Pass one generator, or one per batch element.")
-        one = (1, *shape[1:])
-        return torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
-                         ).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------
