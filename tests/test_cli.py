@@ -35,7 +35,8 @@ def test_txt2img_metadata_round_trip_and_no_overwrite(capsys, tiny_text2img_dir,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["txt2img", "a cat"], "no --model"),
+        (["sample"], "no --model"),
+        (["txt2img", "a cat", "--model", "ldmkit:no-such-model"], "not a bundled model"),
         (["txt2img", "--model", "x"], "give a prompt"),
         (["txt2img", "a cat", "--model", "/no/such/folder"], "No folder"),
         (["info", "/no/such/folder"], "No folder"),
@@ -44,6 +45,12 @@ def test_txt2img_metadata_round_trip_and_no_overwrite(capsys, tiny_text2img_dir,
 def test_user_errors_are_one_line(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code != 0 and len(err) == 1 and message in err[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_missing_gpu_is_one_line(capsys):
+    code, _, err = run(capsys, "txt2img", "a cat", "--device", "cuda")
+    assert code == 2 and len(err) == 1 and "no CUDA GPU" in err[0]
 
 
 def test_bad_sizes_are_one_line(capsys, tiny_text2img_dir, tmp_path):

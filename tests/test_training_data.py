@@ -83,6 +83,10 @@ def test_crops_flips_and_sr_inputs(tmp_path):
     flips = {ImageDataset(records, 16, seed=0, random_crop=True)[(0, e)]["pixel_values"][0, 0, 0].item()
              for e in range(12)}
     assert flips == {-1.0, 1.0}  # random flips and crops happen, and depend on the epoch
+    crops = ImageDataset(records, 16, seed=0, random_crop=True, random_flip=False, crop_size=8)
+    corners = {crops[(0, e)]["pixel_values"][0, 0, 0].item() for e in range(12)}
+    assert crops[(0, 0)]["pixel_values"].shape == (3, 8, 8)
+    assert min(corners) == -1.0 and max(corners) == 1.0  # crops of the resized image, from anywhere in it
     rng = np.random.default_rng(0)
     assert degrade(PIL.Image.new("RGB", (16, 16)), 4, "bsr", rng).size == (4, 4)
     a = np.asarray(degrade(PIL.Image.new("RGB", (16, 16), "red"), 4, "bsr", np.random.default_rng(3)))

@@ -49,6 +49,39 @@ def test_vq_autoencoder_with_ema_codebook_and_gan(toy, tmp_path):
     assert set(checkpoint) == {"autoencoder", "discriminator", "codebook_ema"}
 
 
+def test_dead_codes_are_restarted_at_encoder_outputs():
+    from ldmkit.training.autoencoder import CodebookEMA
+
+    torch.manual_seed(0)
+    codebook = torch.nn.Parameter(torch.randn(8, 3) + 100.0, requires_grad=False)  # far from every latent
+    latents = torch.randn(2, 3, 4, 4)
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, 3)
+    indices = torch.zeros(32, dtype=torch.long)  # everything picked code 0
+    never = CodebookEMA(codebook.detach().clone(), decay=0.99, restart_threshold=0.0)
+    restarting = CodebookEMA(codebook.detach().clone(), decay=0.99, restart_threshold=0.03)
+    for ema in (never, restarting):
+        book = torch.nn.Parameter(codebook.detach().clone(), requires_grad=False)
+        ema.accumulate(latents, indices)
+        ema.update(book)
+        ema.book = book
+    assert (never.book[1:] > 50).all()  # unused codes stay where nobody will ever pick them
+    moved = restarting.book[1:]
+    assert all(any(torch.allclose(row, f, atol=1e-5) for f in flat) for row in moved)  # restarted at latents
+    assert int(restarting.num_updates) == 1 and restarting.cluster_size[1:].eq(1.0).all()
+
+
+def test_autoencoder_crop_size_trains_on_crops_and_is_checked(toy, tmp_path):
+    data = {"output_dir": str(tmp_path / "kl"),
+            "data": {"root": str(toy), "resolution": 16, "crop_size": 8, "holdout": 2, "num_workers": 0},
+            "model": {"type": "kl", "block_out_channels": [8, 8], "layers_per_block": 1, "latent_channels": 4,
+                      "norm_num_groups": 4, "mid_block_add_attention": False},
+            "train": {"max_steps": 2, "batch_size": 2, "mixed_precision": "no", **TRAIN_FAST, "ema": {"enabled": False}}}
+    train_autoencoder(build_recipe("autoencoder", data))
+    assert any("psnr_heldout" in r for r in metrics(tmp_path / "kl"))  # evaluated on whole 16x16 images
+    with pytest.raises(LDMKitError, match="crop_size"):
+        build_recipe("autoencoder", data, ["data.crop_size=7"])
+
+
 @pytest.fixture(scope="module")
 def vq_f4(tmp_path_factory):
     return tiny_autoencoder(tmp_path_factory.mktemp("vq") / "ae", kind="vq", levels=3)

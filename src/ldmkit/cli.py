@@ -9,12 +9,17 @@ import re
 import sys
 from pathlib import Path
 
+from .loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
+
 EXAMPLES = """examples:
-  ldmkit txt2img "a red apple" --model ./my-pipeline --n 4 --seed 7 -o out/
+  ldmkit txt2img "red apple"                                # the bundled emoji model, offline
+  ldmkit txt2img "grinning face" --n 4 --seed 7 --grid --upscale -o out/   # 128x128 through the bundled 4x model
+  ldmkit txt2img "a red apple" --model ./my-pipeline --steps 20 --scheduler dpm++2m-karras
   ldmkit txt2img --from-png out/a-red-apple-7.png          # regenerate an image from its metadata
   ldmkit upscale small.png other.jpg -o big/ --model CompVis/ldm-super-resolution-4x-openimages
   ldmkit sample --model CompVis/ldm-celebahq-256 --n 4 --steps 200
-  ldmkit info ./my-pipeline
+  ldmkit info ldmkit:emoji-text2img
+bundled models (offline): ldmkit:emoji-text2img (txt2img default), ldmkit:emoji-superres-4x (upscale default)
 """
 
 # --scheduler names -> (class name, config overrides)
@@ -48,6 +53,10 @@ def pick_device(name: str):
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps, but MPS is not available here; use --device cpu (or auto).")
     return torch.device(name)
 
 
@@ -69,7 +78,7 @@ def load_pipeline(model: str, device: str, dtype: str):
 
 def resolve_model(model: str | None) -> str:
     if model is None:
-        raise UserError("no --model given (a pipeline folder or a Hub id).")
+        raise UserError("no --model given (a pipeline folder, a Hub id or a bundled ldmkit:NAME).")
     return model
 
 
@@ -143,8 +152,9 @@ def cmd_txt2img(args) -> int:
     if args.from_png:
         meta = read_png_metadata(args.from_png)
         for key in ("model", "prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler",
-                    "height", "width"):
-            setattr(args, key, meta.get(key))
+                    "height", "width", "upscale", "upscale_model", "upscale_steps"):
+            if key in meta:
+                setattr(args, key, meta[key])
         args.n = 1
     if not args.prompt:
         raise UserError("give a prompt, e.g. ldmkit txt2img \"a red apple\" (or --from-png FILE).")
@@ -167,6 +177,8 @@ def cmd_txt2img(args) -> int:
                 "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "scheduler": args.scheduler,
                 "height": args.height, "width": args.width, "upscale": bool(args.upscale),
                 "ldmkit_version": __version__}
+        if args.upscale:
+            meta.update(upscale_model=args.upscale_model, upscale_steps=args.upscale_steps)
         paths.append(save_png(image, free_path(out, f"{slug(args.prompt)}-{s}", args.force), meta))
     if args.grid and len(images) > 1:
         paths.append(save_png(grid(images), free_path(out, f"{slug(args.prompt)}-grid", args.force),
@@ -262,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("txt2img", help="images from a text prompt", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?")
-    p.add_argument("--model", help="pipeline folder or Hub id")
+    p.add_argument("--model", default=DEFAULT_TEXT2IMG,
+                   help=f"pipeline folder, Hub id or bundled name (default: {DEFAULT_TEXT2IMG})")
     p.add_argument("--n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, default=50)
@@ -272,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--upscale", action="store_true", help="then upscale 4x with --upscale-model")
-    p.add_argument("--upscale-model", dest="upscale_model")
+    p.add_argument("--upscale-model", dest="upscale_model", default=DEFAULT_SUPERRES,
+                   help=f"super-resolution pipeline for --upscale (default: {DEFAULT_SUPERRES})")
     p.add_argument("--upscale-steps", dest="upscale_steps", type=int, default=50)
     p.add_argument("--grid", action="store_true", help="also save a grid of all images")
     p.add_argument("--from-png", dest="from_png", help="regenerate from the metadata of an ldmkit PNG")
@@ -281,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("upscale", help="4x super-resolution of image files")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", help="super-resolution pipeline folder or Hub id")
+    p.add_argument("--model", default=DEFAULT_SUPERRES,
+                   help=f"super-resolution pipeline folder, Hub id or bundled name (default: {DEFAULT_SUPERRES})")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -299,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="components, parameter counts, dtypes, sizes, scheduler")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", default=DEFAULT_TEXT2IMG,
+                   help=f"pipeline folder, Hub id or bundled name (default: {DEFAULT_TEXT2IMG})")
     p.set_defaults(func=cmd_info)
 
     _add_optional_commands(sub)

@@ -1,5 +1,8 @@
 """``ldmkit convert model.ckpt --config config.yaml -o DIR [--use-ema | --no-ema]``: an original CompVis
-checkpoint as a pipeline folder in the diffusers layout (then ``DiffusionPipeline.from_pretrained(DIR)``)."""
+checkpoint as a pipeline folder in the diffusers layout (then ``DiffusionPipeline.from_pretrained(DIR)``).
+
+``ldmkit convert PIPELINE_DIR -o DIR --dtype fp16`` re-saves a pipeline folder (a training export, say) in
+another dtype: how the bundled models were made from their fp32 training exports."""
 
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ def add_convert_parser(subparsers) -> None:
         "convert", help="convert an original CompVis checkpoint (.ckpt + config.yaml) to a pipeline folder",
         description="Write an original CompVis latent-diffusion checkpoint (text-to-image, super-resolution, "
                     "unconditional, class-conditional, inpainting) as a pipeline folder in the diffusers layout.")
-    p.add_argument("checkpoint", help="model.ckpt, .safetensors or a bare state-dict pickle")
-    p.add_argument("--config", "-c", required=True, help="the checkpoint's config.yaml")
+    p.add_argument("checkpoint", help="model.ckpt, .safetensors or a bare state-dict pickle; or a pipeline folder "
+                                      "to re-save in another --dtype")
+    p.add_argument("--config", "-c", help="the checkpoint's config.yaml (not for a pipeline folder)")
     p.add_argument("-o", "--output", required=True, help="the folder to write (must not exist or be empty)")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--use-ema", dest="use_ema", action="store_const", const=True, default=None,
@@ -39,8 +43,20 @@ def run_convert(args: argparse.Namespace) -> int:
 
     out = Path(args.output).expanduser()
     _check_output(out, args.force)
-    pipe = DiffusionPipeline.from_single_file(args.checkpoint, config=args.config, use_ema=args.use_ema,
-                                              torch_dtype=args.dtype, tokenizer=args.tokenizer)
+    source = Path(args.checkpoint).expanduser()
+    if source.is_dir():
+        if args.config is not None or args.use_ema is not None or args.tokenizer is not None:
+            raise LDMKitError(f"{source} is a pipeline folder: --config, --use-ema/--no-ema and --tokenizer are for "
+                              "original .ckpt files. Drop them (a folder is only re-saved, e.g. with --dtype fp16).")
+        if source.resolve() == out.resolve():
+            raise LDMKitError("the output folder is the input folder; write to a new folder.")
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=args.dtype)
+    else:
+        if args.config is None:
+            raise LDMKitError(f"{source} is a checkpoint file: give its config.yaml with --config (the original "
+                              "repository's configs/latent-diffusion/*.yaml or the one beside the checkpoint).")
+        pipe = DiffusionPipeline.from_single_file(args.checkpoint, config=args.config, use_ema=args.use_ema,
+                                                  torch_dtype=args.dtype, tokenizer=args.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -63,7 +63,11 @@ def pipeline_class(class_name, folder):
 
 
 def resolve_pipeline_folder(name_or_path, *, revision=None, cache_dir=None, local_files_only=False):
-    """Local folder and parsed model_index.json for a folder or Hub id; only needed files are downloaded."""
+    """Local folder and parsed model_index.json for a bundled name, a folder or a Hub id; only needed files are
+    downloaded."""
+    from .bundled import local_name
+
+    name_or_path = local_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -26,7 +26,11 @@ def resolve_folder(
     local_files_only: bool = False,
     allow_patterns: list[str] | None = None,
 ) -> Path:
-    """Return a local folder for ``name_or_path``: the folder itself, or the Hub snapshot (downloaded or cached)."""
+    """Return a local folder for ``name_or_path``: a bundled model's folder (``ldmkit:NAME``), the folder itself,
+    or the Hub snapshot (downloaded or cached)."""
+    from .bundled import local_name
+
+    name_or_path = local_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -104,16 +104,24 @@ def quantize(model: VQModel, latents: torch.Tensor) -> tuple[torch.Tensor, torch
 class CodebookEMA(nn.Module):
     """Codebook learnt as moving averages instead of by gradient (van den Oord et al. 2017, appendix A.1):
     ``N_i <- g N_i + (1-g) n_i``, ``m_i <- g m_i + (1-g) sum_j z_ij``, ``e_i = m_i / N_i`` (Laplace-smoothed
-    counts). Statistics are summed over all processes first, so every process keeps the same codebook."""
+    counts). Statistics are summed over all processes first, so every process keeps the same codebook.
 
-    def __init__(self, codebook: torch.Tensor, decay: float, eps: float = 1e-5):
+    Codes whose average use ``N_i`` falls below ``restart_threshold`` are restarted at encoder outputs of the
+    current batch (as Jukebox and SoundStream do): without it most codes are never picked, and a 3-dimensional
+    codebook with a few dozen live codes cannot reconstruct colours (measured: 1.4 % of 1024 codes in use after
+    250 steps on the emoji). The draw is seeded by the update count, so a resumed run restarts the same way."""
+
+    def __init__(self, codebook: torch.Tensor, decay: float, eps: float = 1e-5, restart_threshold: float = 0.0):
         super().__init__()
         self.decay = decay
         self.eps = eps
+        self.restart_threshold = restart_threshold
         self.register_buffer("cluster_size", torch.zeros(codebook.shape[0]))
         self.register_buffer("embed_sum", codebook.detach().clone().float())
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._counts: torch.Tensor | None = None
         self._sums: torch.Tensor | None = None
+        self._latents: torch.Tensor | None = None
 
     def accumulate(self, latents: torch.Tensor, indices: torch.Tensor) -> None:
         flat = latents.detach().permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()
@@ -122,21 +130,39 @@ class CodebookEMA(nn.Module):
         counts, sums = onehot.sum(0), onehot.t() @ flat
         self._counts = counts if self._counts is None else self._counts + counts
         self._sums = sums if self._sums is None else self._sums + sums
+        self._latents = flat
 
     @torch.no_grad()
     def update(self, codebook: nn.Parameter) -> None:
         if self._counts is None:
             return
         counts, sums = self._counts, self._sums
-        if dist.is_available() and dist.is_initialized():
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.num_updates += 1
+        if self.restart_threshold > 0:
+            self._restart_dead_codes(distributed)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.cluster_size.numel() * self.eps) * n
         codebook.data.copy_((self.embed_sum / smoothed[:, None]).to(codebook.dtype))
-        self._counts = self._sums = None
+        self._counts = self._sums = self._latents = None
+
+    def _restart_dead_codes(self, distributed: bool) -> None:
+        dead = (self.cluster_size < self.restart_threshold).nonzero().flatten()
+        if dead.numel() == 0:
+            return
+        gen = torch.Generator().manual_seed(int(self.num_updates))
+        pick = torch.randint(0, self._latents.shape[0], (dead.numel(),), generator=gen)
+        chosen = self._latents[pick.to(self._latents.device)].contiguous()
+        if distributed:  # every process takes rank 0's vectors, so the codebooks stay equal
+            dist.broadcast(chosen, src=0)
+        # A restarted code counts as used once, so it gets a few hundred steps to attract vectors.
+        self.cluster_size[dead] = 1.0
+        self.embed_sum[dead] = chosen
 
 
 class AutoencoderTask(Task):
@@ -154,7 +180,7 @@ class AutoencoderTask(Task):
             logger.warning("data.holdout is 0: PSNR is measured on training images, not held-out ones.")
             held = train_records[:EVAL_BATCH]
         self.train_data = ImageDataset(train_records, r.data.resolution, r.seed, r.data.random_crop,
-                                       r.data.random_flip)
+                                       r.data.random_flip, crop_size=r.data.crop_size)
         self.eval_data = ImageDataset(held[:MAX_EVAL_IMAGES], r.data.resolution, r.seed, random_crop=False,
                                       random_flip=False)
         self.model = build_autoencoder(r)
@@ -163,7 +189,8 @@ class AutoencoderTask(Task):
         self.codebook_ema = None
         if not self.is_kl and r.loss.codebook == "ema":
             self.model.quantize.embedding.weight.requires_grad_(False)  # moved by averages, not by Adam
-            self.codebook_ema = CodebookEMA(self.model.quantize.embedding.weight, r.loss.codebook_ema_decay)
+            self.codebook_ema = CodebookEMA(self.model.quantize.embedding.weight, r.loss.codebook_ema_decay,
+                                            restart_threshold=r.loss.codebook_restart_threshold)
         self.disc = None
         self.wrapped = {"autoencoder": self.forward_module}
         if r.loss.disc_start is not None:

@@ -156,19 +156,21 @@ def load_rgb(path: Path) -> PIL.Image.Image:
 
 
 def crop_and_flip(image: PIL.Image.Image, resolution: int, random_crop: bool, random_flip: bool,
-                  rng: np.random.Generator) -> PIL.Image.Image:
-    """Resize the shorter side to ``resolution`` (bicubic, antialiased), crop a square, maybe flip."""
+                  rng: np.random.Generator, crop_size: int | None = None) -> PIL.Image.Image:
+    """Resize the shorter side to ``resolution`` (bicubic, antialiased), crop a square of ``crop_size``
+    (default: ``resolution``), maybe flip."""
     w, h = image.size
     scale = resolution / min(w, h)
     if scale != 1:
         image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
                              PIL.Image.BICUBIC)
         w, h = image.size
+    side = crop_size or resolution
     if random_crop:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
     else:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(PIL.Image.FLIP_LEFT_RIGHT)
     return image
@@ -193,9 +195,11 @@ class ImageDataset(Dataset):
     (the indices of unreadable images passed over) and, with ``sr_scale``, ``lowres`` (the degraded low-res input)."""
 
     def __init__(self, records: list[Record], resolution: int, seed: int, random_crop: bool = True,
-                 random_flip: bool = True, sr_scale: int | None = None, degradation: str = "bicubic"):
+                 random_flip: bool = True, sr_scale: int | None = None, degradation: str = "bicubic",
+                 crop_size: int | None = None):
         self.records = records
         self.resolution = resolution
+        self.crop_size = crop_size
         self.seed = seed
         self.random_crop = random_crop
         self.random_flip = random_flip
@@ -223,7 +227,7 @@ class ImageDataset(Dataset):
 
     def item(self, image: PIL.Image.Image, record: Record, rng: np.random.Generator,
              skipped: list[int] | None = None) -> dict:
-        image = crop_and_flip(image, self.resolution, self.random_crop, self.random_flip, rng)
+        image = crop_and_flip(image, self.resolution, self.random_crop, self.random_flip, rng, self.crop_size)
         out = {"pixel_values": to_tensor(image), "caption": record.caption or "",
                "label": -1 if record.label is None else record.label, "skipped": skipped or []}
         if self.sr_scale:

@@ -95,3 +95,17 @@ def save_png(image: PIL.Image.Image, path: Path) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def retrieval_ranks(generated: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rank of each image's own target in ``gallery`` by pixel distance (1 = nearest).
+
+    ``generated`` is (N, C, H, W), ``gallery`` (M, C, H, W) at the same size, ``targets`` (N,) gallery indices.
+    The rank counts gallery images strictly nearer than the target, plus one, so a tie never helps.
+    """
+    if generated.shape[1:] != gallery.shape[1:]:
+        raise ValueError(f"generated images {tuple(generated.shape[1:])} and gallery {tuple(gallery.shape[1:])} "
+                         "differ in size; resize one to the other first.")
+    distances = torch.cdist(generated.flatten(1).double(), gallery.flatten(1).double())  # (N, M)
+    own = distances.gather(1, targets[:, None].long())
+    return (distances < own).sum(1) + 1

@@ -30,6 +30,8 @@ class DataConfig:
     root: str = ""
     resolution: int = 256
     random_crop: bool = True            # False: centre crop
+    crop_size: int | None = None        # autoencoders: train on crops this big of the resized images (cheaper
+                                        # per step; the networks are convolutional); None: the whole resolution
     random_flip: bool = True
     caption_column: str = "text"
     caption_template: str | None = None  # e.g. "a photo of a {label}": captions from sub-folder labels
@@ -94,6 +96,7 @@ class AutoencoderLossConfig:
     codebook_weight: float = 1.0
     commitment_weight: float = 0.25
     codebook_ema_decay: float = 0.99
+    codebook_restart_threshold: float = 0.03  # EMA codebook: restart codes used less than this per step; 0: never
     disc_start: int | None = None       # step at which the patch discriminator starts; None: no GAN
     disc_weight: float = 0.5
     disc_layers: int = 3
@@ -397,10 +400,17 @@ def _validate_autoencoder(recipe: AutoencoderRecipe, where: str) -> None:
     if recipe.data.latent_cache:
         raise LDMKitError(f"{where}: data.latent_cache is for LDM training (it skips the encoder); "
                           "an autoencoder trains on pixels. Remove it.")
+    crop = recipe.data.crop_size
+    if crop is not None and (crop <= 0 or crop > recipe.data.resolution or crop % factor):
+        raise LDMKitError(f"{where}: data.crop_size={crop} must be a positive multiple of the autoencoder's "
+                          f"factor {factor}, at most data.resolution={recipe.data.resolution}.")
 
 
 def _validate_ldm(recipe: LDMRecipe, where: str) -> None:
     unet, text = recipe.unet, recipe.text
+    if recipe.data.crop_size is not None:
+        raise LDMKitError(f"{where}: data.crop_size is for autoencoder training; an LDM trains on whole "
+                          "data.resolution images. Remove it.")
     if not unet.block_out_channels:
         raise LDMKitError(f"{where}: unet.block_out_channels needs at least one level.")
     if unet.attention_levels is not None and len(unet.attention_levels) != len(unet.block_out_channels):
