@@ -541,6 +541,21 @@ def test_set_timesteps_validation(name, bad, match):
         s.set_timesteps(bad)
 
 
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_multistep_solvers_refuse_repeated_timesteps(name, spacing):
+    # 1000 steps over 1000 training steps repeat a timestep after rounding; diffusers divides by zero there.
+    s = getattr(ls, name)(timestep_spacing=spacing)
+    with pytest.raises(LDMKitError, match="Use at most 999 steps"):
+        s.set_timesteps(1000)
+    s.set_timesteps(999)
+    assert len(torch.unique(s.timesteps)) == 999
+    sample = torch.ones(1, 1, 2, 2)
+    for t in s.timesteps[:3]:
+        sample = s.step(torch.zeros_like(sample), t, sample).prev_sample
+    assert torch.isfinite(sample).all()
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_config_round_trip_with_diffusers(name, tmp_path):
     fields = getattr(ls, name)._config_fields()

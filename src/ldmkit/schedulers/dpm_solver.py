@@ -206,7 +206,29 @@ def dpm_solver_3s(x, m0, m1, m2, t, s2, h, h_0, h_1, algorithm_type: str, solver
 def multistep_timesteps(num_train_timesteps: int, last_timestep: int, n: int, spacing: str,
                         steps_offset: int = 0) -> np.ndarray:
     """The integer timesteps of the multistep solvers: like :func:`base.spaced_timesteps` but ``linspace``
-    and ``leading`` divide ``[0, last_timestep)`` into ``n + 1`` points and drop the last (t = 0)."""
+    and ``leading`` divide ``[0, last_timestep)`` into ``n + 1`` points and drop the last (t = 0).
+
+    Too many steps for the range repeat a timestep after rounding; the solver's step ``h = lambda_t - lambda_s``
+    is then 0 and it divides by zero (diffusers 0.42.1 returns NaN images for 1000 linspace steps). That is
+    an error here, naming the largest step count that works."""
+    timesteps = _multistep_timesteps(num_train_timesteps, last_timestep, n, spacing, steps_offset)
+    if len(np.unique(timesteps)) < len(timesteps) or (timesteps < 0).any():
+        usable = n - 1
+        while usable > 1 and not _distinct(_multistep_timesteps(num_train_timesteps, last_timestep, usable, spacing,
+                                                                steps_offset)):
+            usable -= 1
+        raise LDMKitError(f"num_inference_steps={n} with timestep_spacing={spacing!r} repeats timesteps over "
+                          f"{last_timestep} training steps, which these solvers cannot step over (they would "
+                          f"divide by zero). Use at most {usable} steps.")
+    return timesteps
+
+
+def _distinct(timesteps: np.ndarray) -> bool:
+    return len(np.unique(timesteps)) == len(timesteps) and not (timesteps < 0).any()
+
+
+def _multistep_timesteps(num_train_timesteps: int, last_timestep: int, n: int, spacing: str,
+                         steps_offset: int) -> np.ndarray:
     if spacing == "linspace":
         return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
     if spacing == "leading":

@@ -111,13 +111,16 @@ class CodebookEMA(nn.Module):
     codebook with a few dozen live codes cannot reconstruct colours (measured: 1.4 % of 1024 codes in use after
     250 steps on the emoji). The draw is seeded by the update count, so a resumed run restarts the same way."""
 
-    def __init__(self, codebook: torch.Tensor, decay: float, eps: float = 1e-5, restart_threshold: float = 0.0):
+    def __init__(self, codebook: torch.Tensor, decay: float, eps: float = 1e-5, restart_threshold: float = 0.0,
+                 initial_count: float = 0.0):
         super().__init__()
         self.decay = decay
         self.eps = eps
         self.restart_threshold = restart_threshold
-        self.register_buffer("cluster_size", torch.zeros(codebook.shape[0]))
-        self.register_buffer("embed_sum", codebook.detach().clone().float())
+        # A trained codebook (fine-tuning) starts as if each code had been used once a step, so the first
+        # averages move it a little; from 0 the first update would scale the codes by ~1 / (1 - decay).
+        self.register_buffer("cluster_size", torch.full((codebook.shape[0],), float(initial_count)))
+        self.register_buffer("embed_sum", codebook.detach().clone().float() * max(initial_count, 1.0))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._counts: torch.Tensor | None = None
         self._sums: torch.Tensor | None = None
@@ -190,7 +193,8 @@ class AutoencoderTask(Task):
         if not self.is_kl and r.loss.codebook == "ema":
             self.model.quantize.embedding.weight.requires_grad_(False)  # moved by averages, not by Adam
             self.codebook_ema = CodebookEMA(self.model.quantize.embedding.weight, r.loss.codebook_ema_decay,
-                                            restart_threshold=r.loss.codebook_restart_threshold)
+                                            restart_threshold=r.loss.codebook_restart_threshold,
+                                            initial_count=1.0 if r.model.init_from else 0.0)
         self.disc = None
         self.wrapped = {"autoencoder": self.forward_module}
         if r.loss.disc_start is not None:

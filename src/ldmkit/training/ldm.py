@@ -150,7 +150,8 @@ class LDMTask(Task):
                               f"({r.data.sr_scale}) must equal the autoencoder's factor ({self.factor}).")
         if r.conditioning == "text" and self.factor != 8:
             logger.warning("The autoencoder downsamples %dx: ldmkit's pipeline handles that, but diffusers' "
-                           "LDMTextToImagePipeline assumes 8x and will not load-and-run the export.", self.factor)
+                           "LDMTextToImagePipeline sizes latents as height // 8, so with diffusers pass height "
+                           "and width %g times the image size you want.", self.factor, 8 / self.factor)
         # The SR pipeline decodes latents as they are; the others divide by the autoencoder's scaling factor.
         self.scale = 1.0 if r.conditioning == "concat" else float(self.ae.config.scaling_factor)
         self.channels = latent_channels(self.ae)
