@@ -109,7 +109,7 @@ def bench_text2img(args) -> dict:
     if args.diffusers:
         result["diffusers"] = diffusers_text2img(args, prompts[: args.diffusers], seeds[: args.diffusers],
                                                  generated[: args.diffusers])
-    rows = [(f"{p} (#{int(r)})", [im, PIL.Image.open(everything[i][0])])
+    rows = [(f"#{int(r)} {p}", [im, PIL.Image.open(everything[i][0])])
             for p, r, im, i in list(zip(prompts, ranks, images, chosen))[: args.grid]]
     DOCS.mkdir(exist_ok=True)
     caption_sheet(rows).save(DOCS / "emoji-text2img.png")

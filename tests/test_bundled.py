@@ -178,3 +178,4 @@ def test_cli_info_on_the_bundled_model(capsys):
     out = capsys.readouterr().out
     assert "LDMTextToImagePipeline" in out and "ldmkit:emoji-text2img" in out
     assert "LDMBertModel" in out and "UNet2DConditionModel" in out and "M params" in out
+    assert "stored F16" in out and "prediction_type=v_prediction" in out

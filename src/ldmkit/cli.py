@@ -236,20 +236,37 @@ def cmd_info(args) -> int:
     import torch
 
     from . import DiffusionPipeline
+    from .loading.diffusers_layout import resolve_pipeline_folder
 
-    pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model))
-    print(f"{type(pipe).__name__}  ({args.model})")
+    folder, _ = resolve_pipeline_folder(resolve_model(args.model))
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    print(f"{type(pipe).__name__}  ({args.model}: {folder})")
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             n = sum(p.numel() for p in component.parameters())
-            size = sum(p.numel() * p.element_size() for p in component.parameters())
+            stored, size = stored_weights(folder / name)
             print(f"  {name:10s} {type(component).__name__:24s} {n / 1e6:9.2f} M params  "
-                  f"{str(component.dtype).replace('torch.', ''):8s} {size / 2**20:9.1f} MiB")
+                  f"{str(component.dtype).replace('torch.', ''):8s} (stored {stored}, {size / 2**20:.1f} MiB)")
         else:
             print(f"  {name:10s} {type(component).__name__}")
     config = dict(pipe.scheduler.config)
     print("  scheduler: " + ", ".join(f"{k}={config[k]}" for k in sorted(config) if config[k] is not None))
     return 0
+
+
+def stored_weights(folder: Path) -> tuple[str, int]:
+    """The dtypes and total size of a component's weight files (as stored; loading may convert)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    dtypes = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(f, "pt") as st:
+                dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
+        else:
+            dtypes.add("pickle")
+    return "/".join(sorted(dtypes)) or "-", sum(f.stat().st_size for f in files)
 
 
 # ------------------------------------------------------------------------------------------- parser

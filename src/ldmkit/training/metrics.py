@@ -13,6 +13,7 @@ from pathlib import Path
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+import torch
 
 from ..io import atomic_write_bytes, atomic_write_text
 
