@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,9 @@ def caption_sheet(rows: list[tuple[str, list[PIL.Image.Image]]], cell: int = 96,
         x0, y0 = (i % columns) * width, (i // columns) * height
         for j, im in enumerate(images):
             sheet.paste(im.convert("RGB").resize((cell, cell), PIL.Image.NEAREST), (x0 + j * cell, y0))
-        draw.text((x0 + 2, y0 + cell + 4), caption[: width // 6], fill="black")
+        # PIL's built-in font is ASCII only: "são tomé" is drawn as "sao tome".
+        ascii_caption = unicodedata.normalize("NFKD", caption).encode("ascii", "ignore").decode()
+        draw.text((x0 + 2, y0 + cell + 4), ascii_caption[: width // 6], fill="black")
     return sheet
 
 
@@ -126,7 +129,7 @@ def diffusers_text2img(args, prompts, seeds, ours: torch.Tensor) -> dict:
 
     from ldmkit.loading.bundled import local_name
 
-    ref = diffusers.LDMTextToImagePipeline.from_pretrained(str(local_name(args.model)))
+    ref = diffusers.LDMTextToImagePipeline.from_pretrained(str(local_name(args.model)), torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     factor = 2 ** (len(ref.vqvae.config.block_out_channels) - 1)
     side = ref.unet.config.sample_size * 8

@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale (default 3.0: best retrieval for the bundled model)")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--negative-prompt", dest="negative_prompt")
     p.add_argument("--height", type=int)
