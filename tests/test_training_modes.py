@@ -75,7 +75,8 @@ def test_autoencoder_crop_size_trains_on_crops_and_is_checked(toy, tmp_path):
             "data": {"root": str(toy), "resolution": 16, "crop_size": 8, "holdout": 2, "num_workers": 0},
             "model": {"type": "kl", "block_out_channels": [8, 8], "layers_per_block": 1, "latent_channels": 4,
                       "norm_num_groups": 4, "mid_block_add_attention": False},
-            "train": {"max_steps": 2, "batch_size": 2, "mixed_precision": "no", **TRAIN_FAST, "ema": {"enabled": False}}}
+            "train": {"max_steps": 2, "batch_size": 2, "mixed_precision": "no", **TRAIN_FAST,
+                      "ema": {"enabled": False}}}
     train_autoencoder(build_recipe("autoencoder", data))
     assert any("psnr_heldout" in r for r in metrics(tmp_path / "kl"))  # evaluated on whole 16x16 images
     with pytest.raises(LDMKitError, match="crop_size"):
