@@ -179,3 +179,12 @@ def test_cli_info_on_the_bundled_model(capsys):
     assert "LDMTextToImagePipeline" in out and "ldmkit:emoji-text2img" in out
     assert "LDMBertModel" in out and "UNet2DConditionModel" in out and "M params" in out
     assert "stored F16" in out and "prediction_type=v_prediction" in out
+
+
+def test_cli_upscale_defaults_to_the_bundled_upscaler(capsys, tmp_path, no_network):
+    src = tmp_path / "small.png"
+    PIL.Image.new("RGB", (16, 12), (30, 160, 40)).save(src)
+    assert main(["upscale", str(src), "--steps", "2", "--quiet", "-o", str(tmp_path / "big")]) == 0
+    out = capsys.readouterr().out.split()
+    assert PIL.Image.open(out[0]).size == (64, 48)
+    assert read_png_metadata(out[0])["model"] == DEFAULT_SUPERRES
