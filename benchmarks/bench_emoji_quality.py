@@ -12,8 +12,9 @@ benchmarks/results/emoji-text2img.json and docs/emoji-text2img.png (prompt, gene
 
 ``superres``: every held-out emoji at 128x128, downsampled 4x with bicubic (as in training), upscaled by the
 model and, as the reference, by bicubic; PSNR against the original (8-bit images, as saved), plus the VQ
-autoencoder's own reconstruction PSNR (the ceiling). Writes benchmarks/results/emoji-superres.json and
-docs/emoji-superres.png (low-res, bicubic, model, original).
+autoencoder's own reconstruction PSNR (the ceiling), and the first inputs through diffusers'
+LDMSuperResolutionPipeline on the same folder and seeds (same images expected). Writes
+benchmarks/results/emoji-superres.json and docs/emoji-superres.png (low-res, bicubic, model, original).
 """
 
 from __future__ import annotations
@@ -177,10 +178,28 @@ def bench_superres(args) -> dict:
         "psnr_gain_db": (p_ours - p_bicubic).mean().item(), "psnr_autoencoder_ceiling": p_ae.mean().item(),
         "model_better_than_bicubic": (p_ours > p_bicubic).float().mean().item(), "seconds": seconds,
     }
+    if args.diffusers:
+        n = args.diffusers
+        result["diffusers"] = diffusers_superres(args, lr_images[:n], to_tensor(ours[:n]))
     rows = [(test[i][1], [lr_images[i], bicubic[i], ours[i], hr_images[i]]) for i in range(min(args.grid, len(test)))]
     DOCS.mkdir(exist_ok=True)
     caption_sheet(rows, cell=128, columns=2).save(DOCS / "emoji-superres.png")
     return result
+
+
+def diffusers_superres(args, lr_images, ours: torch.Tensor) -> dict:
+    """The first low-res inputs through diffusers' pipeline on the same folder, with the same seeds."""
+    import diffusers
+
+    from ldmkit.loading.bundled import local_name
+
+    folder = str(local_name(args.model))
+    ref = diffusers.LDMSuperResolutionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    images = [ref(im, num_inference_steps=args.steps, eta=args.eta, output_type="np",
+                  generator=torch.Generator().manual_seed(args.seed + k)).images[0] for k, im in enumerate(lr_images)]
+    theirs = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) * 255).round() / 255
+    return {"images": len(lr_images), "max_abs_diff_8bit": (theirs - ours).abs().max().item()}
 
 
 def main(argv=None) -> int:
@@ -207,6 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--diffusers", type=int, default=8, help="inputs to rerun through diffusers (0: none)")
     p.add_argument("--out", default=str(RESULTS / "emoji-superres.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
