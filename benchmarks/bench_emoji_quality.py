@@ -41,19 +41,19 @@ def read_split(folder: Path) -> list[tuple[Path, str]]:
     return [(folder / r["file_name"], r["text"]) for r in rows]
 
 
-def load(paths, size=None) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] from 8-bit RGB files."""
-    arrays = []
+def load(paths, size: int) -> torch.Tensor:
+    """(N, 3, size, size) in [0, 1] from 8-bit image files of that size."""
+    images = []
     for p in paths:
         with PIL.Image.open(p) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
+            if im.size != (size, size):
                 raise SystemExit(f"{p} is {im.size}, expected {size}x{size}: rebuild the data at that size.")
-            arrays.append(np.asarray(im, dtype=np.float32) / 255)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            images.append(im.convert("RGB"))
+    return to_tensor(images)
 
 
 def to_tensor(images: list[PIL.Image.Image]) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] from PIL images."""
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in images])
                             ).permute(0, 3, 1, 2)
 

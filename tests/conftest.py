@@ -62,6 +62,19 @@ def tiny_text2img_dir(tmp_path_factory):
     return build_diffusers_text2img(tmp_path_factory.mktemp("text2img"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of training tests: tiny models gain little from a second thread, and on a
+    shared CI machine OpenMP threads that wait for each other while other jobs hold the cores can slow
+    training down tenfold."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Fail the test on any attempt to open a network connection."""

@@ -11,15 +11,8 @@ from ldmkit import DiffusionPipeline, LDMKitError, VQModel
 from ldmkit.training import build_recipe, train_autoencoder, train_ldm
 from training_utils import TRAIN_FAST, ldm_dict, metrics, tiny_autoencoder, toy_data
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain little from a second thread, and on a shared CI machine OpenMP threads that wait for
-    # each other while other jobs hold the cores can slow training down tenfold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training tests run on one torch thread (the shared fixture in conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

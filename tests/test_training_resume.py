@@ -19,14 +19,8 @@ from training_utils import final_weights, ldm_dict, metrics, tiny_autoencoder, t
 MAX_STEPS = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain little from a second thread, and on a shared CI machine OpenMP threads that wait for
-    # each other while other jobs hold the cores can slow training down tenfold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training tests run on one torch thread (the shared fixture in conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cli(config, output_dir, *extra):

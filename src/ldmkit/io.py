@@ -7,6 +7,7 @@ the destination (rename is atomic on POSIX and Windows within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -43,3 +44,12 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     atomic_write(dest, lambda p: p.write_bytes(data))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (weights and fonts can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LDMKitError
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,6 @@ def _font_tables(path: Path) -> tuple[set[int], str, str]:
         names = tt["name"]
         version = names.getDebugName(5) or str(tt["head"].fontRevision)
         return set(tt.getBestCmap()), version, names.getDebugName(13) or "unknown"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------- render

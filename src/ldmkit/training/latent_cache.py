@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import LDMKitError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, sha256_file
 from ..loading.weights import find_weights
 from ..models import AutoencoderKL
 from .data import MAX_CONSECUTIVE_FAILURES, Record, crop_and_flip, load_rgb, sample_rng, to_tensor
@@ -36,18 +36,10 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("LDMKIT_CACHE", Path.home() / ".cache" / "ldmkit")) / "latents"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_key(ae_folder: Path, ae, records: list[Record], resolution: int, flip: bool) -> str:
     weights = find_weights(Path(ae_folder), type(ae).weights_stems)
     files = [(str(r.path.resolve()), r.path.stat().st_size, r.path.stat().st_mtime_ns) for r in records]
-    spec = {"weights": file_digest(weights), "config": dict(ae.config), "class": type(ae).__name__,
+    spec = {"weights": sha256_file(weights), "config": dict(ae.config), "class": type(ae).__name__,
             "files": files, "resolution": resolution, "flip": flip, "version": 1}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
