@@ -7,11 +7,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LDMKitError
-from ..randomness import randn_tensor
 from .pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
-    check_latents,
     check_output_type,
     check_sampling_args,
     compvis_step,
@@ -159,13 +157,7 @@ class LDMTextToImagePipeline(DiffusionPipeline):
 
         device, dtype = self.unet.device, context.dtype
         shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = check_latents(latents, shape, device, dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = self.initial_latents(shape, latents, generator, num_inference_steps, device, dtype)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, latents]) if need_cond and need_uncond else latents
             model_input = self.scheduler.scale_model_input(model_input, t)

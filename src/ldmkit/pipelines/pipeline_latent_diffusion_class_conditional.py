@@ -7,11 +7,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LDMKitError
-from ..randomness import randn_tensor
 from .pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
-    check_latents,
     check_output_type,
     check_sampling_args,
     compvis_step,
@@ -92,13 +90,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch, self.unet.config.out_channels, *size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = check_latents(latents, shape, device, dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = self.initial_latents(shape, latents, generator, num_inference_steps, device, dtype)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents] * len(contexts))
             noise_pred = self.unet(self.scheduler.scale_model_input(model_input, t), t,

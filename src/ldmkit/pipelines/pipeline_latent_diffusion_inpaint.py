@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LDMKitError
-from ..randomness import randn_tensor
 from .image_processing import to_tensor
 from .pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
-    check_latents,
     check_output_type,
     check_sampling_args,
     compvis_step,
@@ -145,13 +143,7 @@ class LDMInpaintPipeline(DiffusionPipeline):
         if self.unet.config.in_channels != shape[1] + condition.shape[1]:
             raise LDMKitError(f"The UNet takes {self.unet.config.in_channels} channels, not a latent plus the "
                               f"{condition.shape[1]}-channel inpainting condition: this is not an inpainting UNet.")
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = check_latents(latents, shape, device, dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = self.initial_latents(shape, latents, generator, num_inference_steps, device, dtype)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([self.scheduler.scale_model_input(latents, t), condition], dim=1)
             noise_pred = self.unet(model_input, t).sample

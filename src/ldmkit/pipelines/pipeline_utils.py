@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import LDMKitError
 from ..loading import diffusers_layout
 from ..models.modeling_utils import parse_dtype
+from ..randomness import randn_tensor
 
 
 @dataclass
@@ -119,6 +120,17 @@ class DiffusionPipeline:
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for tqdm, e.g. ``disable=True``."""
         self._progress_bar_config = dict(kwargs)
+
+    def initial_latents(self, shape: tuple, latents: torch.Tensor | None, generator, num_inference_steps: int,
+                        device, dtype) -> torch.Tensor:
+        """``x_T``: drawn from ``generator`` (or the caller's ``latents``, checked), after ``set_timesteps``, times
+        the scheduler's ``init_noise_sigma`` (1 for DDIM/DDPM, sigma_max for the sigma-space samplers)."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = check_latents(latents, shape, device, dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return latents * self.scheduler.init_noise_sigma
 
     def progress_bar(self, iterable):
         return tqdm(iterable, **self._progress_bar_config)
