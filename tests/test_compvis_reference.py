@@ -26,7 +26,7 @@ from compvis_fixtures import (
     single_thread,
 )
 from ldmkit import LDMKitError, PNDMScheduler
-from ldmkit.pipelines.pipeline_utils import compvis_step
+from ldmkit.pipelines.denoising import make_step
 
 pytestmark = requires_fixtures
 _single_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
@@ -129,15 +129,16 @@ def test_plms_pipeline_trajectory_and_images():
 
 
 def test_plms_with_compvis_noise_draws_like_the_original():
-    """PLMS through compvis_step: same trajectory, and the generator advances by the 6 recorded draws."""
+    """PLMS through the loop's CompVis step: same trajectory; the generator advances by the 6 recorded draws."""
     pipe, ref = load("txt2img"), reference("txt2img")
     scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     scheduler.set_timesteps(5)
     assert scheduler.timesteps.tolist() == ref["plms.model_in_t"][:, 0].tolist()
     generator, latents = torch.Generator().manual_seed(SEED), ref["x_T"]
+    step = make_step(scheduler, 0.0, generator, draw_noise_every_step=True)
     for t in scheduler.timesteps:
         uncond, cond = model_call(pipe, "txt2img", torch.cat([latents] * 2), t).chunk(2)
-        latents = compvis_step(scheduler, uncond + 3.0 * (cond - uncond), t, latents, 0.0, generator, True).prev_sample
+        latents = step(uncond + 3.0 * (cond - uncond), t, latents)
     assert_rel(latents, ref["plms.samples"], "PLMS samples")
     _assert_consumed(generator, ref["plms.noise"])
 

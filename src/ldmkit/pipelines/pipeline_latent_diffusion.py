@@ -7,15 +7,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LDMKitError
-from .pipeline_utils import (
-    DiffusionPipeline,
-    ImagePipelineOutput,
-    check_output_type,
-    check_sampling_args,
-    compvis_step,
-    convert_images,
-    decode_latents,
-)
+from .checks import check_output_type, check_positive_int
+from .denoising import CALLBACK_TENSORS, Guidance, Sampling
+from .pipeline_utils import DiffusionPipeline
 
 
 def _as_prompt_list(prompt, name: str) -> list[str]:
@@ -133,10 +127,30 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         check_output_type(output_type)
         if (prompt is None) == (prompt_embeds is None):
             raise LDMKitError("Pass either prompt or prompt_embeds (exactly one of them).")
-        if guidance_scale is None or guidance_scale < 0:
-            raise LDMKitError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise LDMKitError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        guidance = Guidance(guidance_scale)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        height, width = self._check_size(height, width)
+        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
+                            tuple(callback_on_step_end_tensor_inputs))
+
+        cond, uncond = self.encode_prompt(prompt, num_images_per_prompt, negative_prompt, prompt_embeds,
+                                          negative_prompt_embeds, need_uncond=guidance.need_uncond,
+                                          need_cond=guidance.need_cond)
+        context = guidance.context(uncond, cond)
+        batch = (cond if cond is not None else uncond).shape[0]
+        sampling.check(batch, CALLBACK_TENSORS)
+
+        factor = self.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+        latents = self.initial_latents(shape, latents, sampling, self.unet.device, context.dtype,
+                                       f"(batch, latent channels, height / {factor}, width / {factor})")
+
+        def model(x, t):
+            return self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=context).sample
+
+        return self.generate(latents, guidance.wrap(model), sampling, output_type, return_dict)
+
+    def _check_size(self, height, width) -> tuple[int, int]:
         factor = self.vae_scale_factor
         height = self.unet.config.sample_size * factor if height is None else height
         width = self.unet.config.sample_size * factor if width is None else width
@@ -144,40 +158,4 @@ class LDMTextToImagePipeline(DiffusionPipeline):
             raise LDMKitError(f"height and width must be positive multiples of {factor}, got {height}x{width}; "
                               f"try {max(factor, round(height / factor) * factor)}x"
                               f"{max(factor, round(width / factor) * factor)}.")
-        bad = set(callback_on_step_end_tensor_inputs) - {"latents", "noise_pred"}
-        if bad:
-            raise LDMKitError(f"callback_on_step_end_tensor_inputs may name latents, noise_pred; got {bad}.")
-
-        need_cond, need_uncond = guidance_scale != 0, guidance_scale != 1
-        cond, uncond = self.encode_prompt(prompt, num_images_per_prompt, negative_prompt, prompt_embeds,
-                                          negative_prompt_embeds, need_uncond=need_uncond, need_cond=need_cond)
-        context = torch.cat([uncond, cond]) if need_cond and need_uncond else (cond if need_cond else uncond)
-        batch = (cond if cond is not None else uncond).shape[0]
-        check_sampling_args(num_inference_steps, eta, generator, batch)
-
-        device, dtype = self.unet.device, context.dtype
-        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-        latents = self.initial_latents(shape, latents, generator, num_inference_steps, device, dtype)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = torch.cat([latents, latents]) if need_cond and need_uncond else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
-            if need_cond and need_uncond:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
-                                   self.draw_noise_every_step).prev_sample
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents, "noise_pred": noise_pred}
-                result = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                if result:
-                    latents = result.get("latents", latents)
-
-        if output_type == "latent":
-            images = latents
-        else:
-            scale = self.vqvae.config.scaling_factor
-            images = convert_images(decode_latents(self.vqvae, latents, scale), output_type)
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return height, width

@@ -7,15 +7,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LDMKitError
-from .pipeline_utils import (
-    DiffusionPipeline,
-    ImagePipelineOutput,
-    check_output_type,
-    check_sampling_args,
-    compvis_step,
-    convert_images,
-    decode_first_stage,
-)
+from .checks import check_output_type
+from .denoising import Guidance, Sampling
+from .pipeline_utils import DiffusionPipeline
 
 
 class LDMClassConditionalPipeline(DiffusionPipeline):
@@ -73,38 +67,23 @@ class LDMClassConditionalPipeline(DiffusionPipeline):
         """
         check_output_type(output_type)
         labels = self._labels(class_labels)
-        if guidance_scale is None or guidance_scale < 0:
-            raise LDMKitError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale!r}.")
-        batch = labels.shape[0]
-        check_sampling_args(num_inference_steps, eta, generator, batch)
-        need_cond, need_uncond = guidance_scale != 0, guidance_scale != 1
+        guidance = Guidance(guidance_scale)
+        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end)
+        sampling.check(labels.shape[0])
         device, dtype = self.unet.device, self.unet.dtype
         labels = labels.to(self.class_embedder.device)
-        contexts = []
-        if need_uncond:  # the unconditional half goes first, as in the original sampler
-            contexts.append(self.class_embedder(torch.full_like(labels, self.class_embedder.null_class)))
-        if need_cond:
-            contexts.append(self.class_embedder(labels))
-        context = torch.cat(contexts).to(device=device, dtype=dtype)
+        null = torch.full_like(labels, self.class_embedder.null_class)
+        # The unconditional half goes first, as in the original sampler; only the embeddings needed are made.
+        uncond = self.class_embedder(null) if guidance.need_uncond else None
+        cond = self.class_embedder(labels) if guidance.need_cond else None
+        context = guidance.context(uncond, cond).to(device=device, dtype=dtype)
 
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (batch, self.unet.config.out_channels, *size)
-        latents = self.initial_latents(shape, latents, generator, num_inference_steps, device, dtype)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = torch.cat([latents] * len(contexts))
-            noise_pred = self.unet(self.scheduler.scale_model_input(model_input, t), t,
-                                   encoder_hidden_states=context).sample
-            if need_cond and need_uncond:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
-                                   self.draw_noise_every_step).prev_sample
-            if callback_on_step_end is not None:
-                result = callback_on_step_end(self, i, t, {"latents": latents})
-                if result:
-                    latents = result.get("latents", latents)
+        shape = (labels.shape[0], self.unet.config.out_channels, *size)
+        latents = self.initial_latents(shape, latents, sampling, device, dtype)
 
-        images = latents if output_type == "latent" else convert_images(decode_first_stage(self.vqvae, latents),
-                                                                        output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        def model(x, t):
+            return self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=context).sample
+
+        return self.generate(latents, guidance.wrap(model), sampling, output_type, return_dict)

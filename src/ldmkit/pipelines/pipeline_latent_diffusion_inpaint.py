@@ -10,16 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LDMKitError
+from .checks import check_output_type
+from .denoising import Sampling
 from .image_processing import to_tensor
-from .pipeline_utils import (
-    DiffusionPipeline,
-    ImagePipelineOutput,
-    check_output_type,
-    check_sampling_args,
-    compvis_step,
-    convert_images,
-    decode_first_stage,
-)
+from .pipeline_utils import DiffusionPipeline
 
 
 def _mask_to_tensor(mask) -> torch.Tensor:
@@ -135,31 +129,25 @@ class LDMInpaintPipeline(DiffusionPipeline):
         if image is None or mask_image is None:
             raise LDMKitError("Inpainting needs image and mask_image (white = the part to repaint).")
         image, mask, condition = self.prepare_inputs(image, mask_image)
-        batch = image.shape[0]
-        check_sampling_args(num_inference_steps, eta, generator, batch)
+        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end)
+        sampling.check(image.shape[0])
         device, dtype = self.unet.device, self.unet.dtype
         condition = condition.to(device=device, dtype=dtype)
-        shape = (batch, self.unet.config.out_channels, *condition.shape[-2:])
+        shape = (image.shape[0], self.unet.config.out_channels, *condition.shape[-2:])
         if self.unet.config.in_channels != shape[1] + condition.shape[1]:
             raise LDMKitError(f"The UNet takes {self.unet.config.in_channels} channels, not a latent plus the "
                               f"{condition.shape[1]}-channel inpainting condition: this is not an inpainting UNet.")
-        latents = self.initial_latents(shape, latents, generator, num_inference_steps, device, dtype)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = torch.cat([self.scheduler.scale_model_input(latents, t), condition], dim=1)
-            noise_pred = self.unet(model_input, t).sample
-            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
-                                   self.draw_noise_every_step).prev_sample
-            if callback_on_step_end is not None:
-                result = callback_on_step_end(self, i, t, {"latents": latents})
-                if result:
-                    latents = result.get("latents", latents)
+        latents = self.initial_latents(shape, latents, sampling, device, dtype)
 
-        if output_type == "latent":
-            images = latents
-        else:
-            predicted = decode_first_stage(self.vqvae, latents)
+        def predict(x, t):
+            # Only the noisy latent goes through scale_model_input; the masked image and mask are conditions.
+            return self.unet(torch.cat([self.scheduler.scale_model_input(x, t), condition], dim=1), t).sample
+
+        def composite(final_latents):
             # scripts/inpaint.py: (1 - m) * image + m * prediction, everything back in [0, 1].
+            predicted = self.decode(final_latents)
             keep = torch.clamp((mask.float() + 1.0) / 2.0, min=0.0, max=1.0)
             original = torch.clamp((image.float() + 1.0) / 2.0, min=0.0, max=1.0)
-            images = convert_images((1 - keep) * original + keep * predicted.to(original.device), output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+            return (1 - keep) * original + keep * predicted.to(original.device)
+
+        return self.generate(latents, predict, sampling, output_type, return_dict, postprocess=composite)

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import LDMKitError
-from ..randomness import randn_tensor
+from .checks import check_output_type, check_positive_int
+from .denoising import Sampling
 from .image_processing import to_tensor_groups
-from .pipeline_utils import (
-    DiffusionPipeline,
-    ImagePipelineOutput,
-    check_latents,
-    check_output_type,
-    check_sampling_args,
-    compvis_step,
-    convert_images,
-)
+from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, convert_images
 from .tiling import blend_tiles
 
 
@@ -70,8 +64,7 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
         check_output_type(output_type)
         if image is None:
             raise LDMKitError("image is required: the low-resolution image to upscale.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise LDMKitError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        check_positive_int("batch_size", batch_size)
         multiple = self._unet_multiple
         for name, value in (("tile_size", tile_size), ("decode_tile_size", decode_tile_size)):
             if not isinstance(value, int) or value < multiple or value % multiple:
@@ -80,24 +73,24 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
             raise LDMKitError(f"tile_overlap must be in [0, tile_size), got {tile_overlap}.")
         groups = to_tensor_groups(image)
         total = sum(len(idx) for idx, _ in groups) * batch_size
-        check_sampling_args(num_inference_steps, eta, generator, total)
+        Sampling(num_inference_steps, eta, generator).check(total)
         if latents is not None and len(groups) > 1:
             raise LDMKitError("latents can only be given for images of one size.")
 
+        tiles = _Tiles(tiling, tile_size, tile_overlap, decode_tile_size)
         results: list[torch.Tensor | None] = [None] * total
         for indices, lowres in groups:
             rows = [i * batch_size + k for i in indices for k in range(batch_size)]
             gens = [generator[r] for r in rows] if isinstance(generator, list | tuple) else generator
-            lowres = lowres.repeat_interleave(batch_size, dim=0)
-            out = self._upscale(lowres, num_inference_steps, eta, gens, latents, tiling, tile_size,
-                                tile_overlap, decode_tile_size, output_type, callback_on_step_end)
+            sampling = Sampling(num_inference_steps, eta, gens, callback_on_step_end)
+            out = self._upscale(lowres.repeat_interleave(batch_size, dim=0), sampling, latents, tiles, output_type)
             for row, img in zip(rows, out):
                 results[row] = img
         images = _collate(results, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    def _upscale(self, lowres, steps, eta, generator, latents, tiling, tile, overlap, decode_tile, output_type,
-                 callback):
+    def _upscale(self, lowres, sampling: Sampling, latents, tiles: _Tiles, output_type: str) -> torch.Tensor:
+        """One group of same-size inputs: x_T, the (tiled) predict closure, the loop, the (tiled) decode."""
         device, dtype = self.unet.device, self.unet.dtype
         n, _, h, w = lowres.shape
         multiple = self._unet_multiple
@@ -109,47 +102,48 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
         if latent_channels < 1:
             raise LDMKitError(f"The UNet takes {self.unet.config.in_channels} channels, too few for a "
                               "latent plus an RGB image: this is not a super-resolution UNet.")
-        shape = (n, latent_channels, ph, pw)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = check_latents(latents, shape, device, dtype)
-        use_tiles = tiling if tiling is not None else (ph > tile or pw > tile)
+        latents = self.initial_latents((n, latent_channels, ph, pw), latents, sampling, device, dtype)
+        tiled = tiles.enabled if tiles.enabled is not None else (ph > tiles.size or pw > tiles.size)
 
         def denoise(x, c, t):
             # Only the noisy latent goes through scale_model_input; the low-res image is a condition.
             return self.unet(torch.cat([self.scheduler.scale_model_input(x, t), c], dim=1), t).sample
 
-        self.scheduler.set_timesteps(steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            if use_tiles:
-                noise_pred = blend_tiles(
-                    lambda y, x, th, tw, z=latents, t=t: denoise(z[:, :, y:y + th, x:x + tw],
-                                                                 cond[:, :, y:y + th, x:x + tw], t),
-                    ph, pw, tile, overlap)
-            else:
-                noise_pred = denoise(latents, cond, t)
-            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
-                                   self.draw_noise_every_step).prev_sample
-            if callback is not None:
-                result = callback(self, i, t, {"latents": latents})
-                if result:
-                    latents = result.get("latents", latents)
+        def predict(x, t):
+            if not tiled:
+                return denoise(x, cond, t)
+            return blend_tiles(lambda y, x0, th, tw: denoise(x[:, :, y:y + th, x0:x0 + tw],
+                                                             cond[:, :, y:y + th, x0:x0 + tw], t),
+                               ph, pw, tiles.size, tiles.overlap)
+
+        latents = self.denoise(latents, predict, sampling)
         if output_type == "latent":
             return latents
-        images = self._decode(latents, use_tiles, decode_tile, overlap // 2)
+        # The published SR autoencoder decodes its latents unscaled (diffusers' pipeline divides by nothing).
+        images = self.decode(latents, scale=1.0, decode=self._tiled_decode(tiles) if tiled else None)
         f = self.upscale_factor
-        return (images[:, :, : h * f, : w * f].float() / 2 + 0.5).clamp(0, 1)
+        return images[:, :, : h * f, : w * f]
 
-    def _decode(self, latents, tiled: bool, tile: int, overlap: int) -> torch.Tensor:
-        if not tiled:
-            return self.vqvae.decode(latents).sample
-        # Quantize once over the whole latent (it is per position), then decode tile by tile.
-        quantized = self.vqvae.quantize(latents)[0]
-        return blend_tiles(
-            lambda y, x, th, tw: self.vqvae.decode(quantized[:, :, y:y + th, x:x + tw], force_not_quantize=True).sample,
-            latents.shape[-2], latents.shape[-1], tile, overlap, scale=self.upscale_factor)
+    def _tiled_decode(self, tiles: _Tiles):
+        def decode(z):
+            # Quantize once over the whole latent (it is per position), then decode tile by tile.
+            quantized = self.vqvae.quantize(z)[0]
+            return blend_tiles(
+                lambda y, x, th, tw: self.vqvae.decode(quantized[:, :, y:y + th, x:x + tw],
+                                                       force_not_quantize=True).sample,
+                z.shape[-2], z.shape[-1], tiles.decode_size, tiles.overlap // 2, scale=self.upscale_factor)
+
+        return decode
+
+
+@dataclass
+class _Tiles:
+    """Tiling of one call: ``enabled`` None = above ``size`` input pixels on a side."""
+
+    enabled: bool | None
+    size: int
+    overlap: int
+    decode_size: int
 
 
 def _collate(results: list[torch.Tensor], output_type: str):

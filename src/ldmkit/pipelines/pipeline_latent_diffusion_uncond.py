@@ -6,16 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import LDMKitError
-from .pipeline_utils import (
-    DiffusionPipeline,
-    ImagePipelineOutput,
-    check_output_type,
-    check_sampling_args,
-    compvis_step,
-    convert_images,
-    decode_latents,
-)
+from .checks import check_output_type, check_positive_int
+from .denoising import Sampling
+from .pipeline_utils import DiffusionPipeline
 
 
 class LDMPipeline(DiffusionPipeline):
@@ -43,26 +36,15 @@ class LDMPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
     ):
         check_output_type(output_type)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise LDMKitError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        check_sampling_args(num_inference_steps, eta, generator, batch_size)
-        device, dtype = self.unet.device, self.unet.dtype
+        check_positive_int("batch_size", batch_size)
+        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end)
+        sampling.check(batch_size)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
-        latents = self.initial_latents(shape, latents, generator, num_inference_steps, device, dtype)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            noise_pred = self.unet(self.scheduler.scale_model_input(latents, t), t).sample
-            latents = compvis_step(self.scheduler, noise_pred, t, latents, eta, generator,
-                                   self.draw_noise_every_step).prev_sample
-            if callback_on_step_end is not None:
-                result = callback_on_step_end(self, i, t, {"latents": latents})
-                if result:
-                    latents = result.get("latents", latents)
+        latents = self.initial_latents(shape, latents, sampling, self.unet.device, self.unet.dtype)
 
-        if output_type == "latent":
-            images = latents
-        else:
-            images = convert_images(decode_latents(self.vqvae, latents, self.vqvae.config.scaling_factor),
-                                    output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        def predict(x, t):
+            return self.unet(self.scheduler.scale_model_input(x, t), t).sample
+
+        return self.generate(latents, predict, sampling, output_type, return_dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from ..errors import LDMKitError
 from ..loading import diffusers_layout
 from ..models.modeling_utils import parse_dtype
 from ..randomness import randn_tensor
+from .checks import check_device, check_latents
+from .denoising import Predict, Sampling, decode_first_stage, make_step
 
 
 @dataclass
@@ -47,22 +50,6 @@ def convert_images(images: torch.Tensor, output_type: str):
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
-def check_output_type(output_type: str, allowed=("pil", "np", "pt", "latent")) -> None:
-    if output_type not in allowed:
-        raise LDMKitError(f"output_type={output_type!r} is not supported; use one of {', '.join(allowed)}.")
-
-
-def check_device(device: torch.device) -> None:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LDMKitError("CUDA was asked for but no CUDA GPU is available here; use device 'cpu'.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LDMKitError("MPS was asked for but is not available here; use device 'cpu'.")
-
-
-# Progress-bar options every new pipeline starts with (the command line's --quiet sets disable=True).
-DEFAULT_PROGRESS: dict[str, Any] = {}
-
-
 class DiffusionPipeline:
     """Base of every pipeline.
 
@@ -76,7 +63,12 @@ class DiffusionPipeline:
     def __init__(self, **components):
         for name, component in components.items():
             setattr(self, name, component)
-        self._progress_bar_config: dict[str, Any] = dict(DEFAULT_PROGRESS)
+        self._progress_bar_config: dict[str, Any] = {}
+        # Hooks of the denoising loop, for features that apply to every pipeline (feature caching, ...):
+        # ``wrapper(predict, timesteps) -> predict`` is applied once per call around the pipeline's model call;
+        # ``callback(pipe, step_index, t, tensors)`` runs after every step, before the user's callback.
+        self.predict_wrappers: list[Callable[[Predict, torch.Tensor], Predict]] = []
+        self.step_callbacks: list[Callable] = []
 
     # ----------------------------------------------------------------- components, device, dtype
     @classmethod
@@ -121,16 +113,57 @@ class DiffusionPipeline:
         """Options for tqdm, e.g. ``disable=True``."""
         self._progress_bar_config = dict(kwargs)
 
-    def initial_latents(self, shape: tuple, latents: torch.Tensor | None, generator, num_inference_steps: int,
-                        device, dtype) -> torch.Tensor:
-        """``x_T``: drawn from ``generator`` (or the caller's ``latents``, checked), after ``set_timesteps``, times
-        the scheduler's ``init_noise_sigma`` (1 for DDIM/DDPM, sigma_max for the sigma-space samplers)."""
+    def initial_latents(self, shape: tuple, latents: torch.Tensor | None, sampling: Sampling, device, dtype,
+                        layout: str = "(batch, latent channels, height, width)") -> torch.Tensor:
+        """``x_T``: drawn from the generator (or the caller's ``latents``, checked), after ``set_timesteps``,
+        times the scheduler's ``init_noise_sigma`` (1 for DDIM/DDPM, sigma_max for the sigma-space samplers)."""
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor(shape, generator=sampling.generator, device=device, dtype=dtype)
         else:
-            latents = check_latents(latents, shape, device, dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+            latents = check_latents(latents, shape, layout, device, dtype)
+        self.scheduler.set_timesteps(sampling.num_inference_steps, device=device)
         return latents * self.scheduler.init_noise_sigma
+
+    # ----------------------------------------------------------------- the one denoising loop
+    def denoise(self, latents: torch.Tensor, predict: Predict, sampling: Sampling) -> torch.Tensor:
+        """Run the reverse process from ``x_T`` (Rombach et al. 2022, eq. (2) in latent space): at every
+        timestep ``model_output = predict(z_t, t)`` and ``z_{t-1} = scheduler.step(...)``, then the hooks and
+        the user's callback. ``predict`` is the pipeline's model call, guidance included."""
+        timesteps = self.scheduler.timesteps
+        step = make_step(self.scheduler, sampling.eta, sampling.generator, self.draw_noise_every_step)
+        for wrapper in self.predict_wrappers:
+            predict = wrapper(predict, timesteps)
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_output = predict(latents, t)
+            latents = step(model_output, t, latents)
+            latents = self._end_step(sampling, i, t, latents, model_output)
+        return latents
+
+    def _end_step(self, sampling: Sampling, i: int, t, latents: torch.Tensor, model_output: torch.Tensor):
+        tensors = {"latents": latents, "noise_pred": model_output}
+        for callback in self.step_callbacks:
+            callback(self, i, t, tensors)
+        if sampling.callback is None:
+            return latents
+        result = sampling.callback(self, i, t, {k: tensors[k] for k in sampling.callback_inputs})
+        return result.get("latents", latents) if result else latents
+
+    def decode(self, latents: torch.Tensor, scale: float | None = None, decode: Callable | None = None):
+        """First-stage decode to images in [0, 1] (``scale`` defaults to the autoencoder's scaling factor),
+        with the float32 fall-back for half-precision overflow."""
+        scale = self.vqvae.config.scaling_factor if scale is None else scale
+        return decode_first_stage(self.vqvae, latents, scale, decode)
+
+    def generate(self, latents: torch.Tensor, predict: Predict, sampling: Sampling, output_type: str,
+                 return_dict: bool, postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """Denoise, decode (``postprocess(latents) -> images in [0, 1]``, default :meth:`decode`) and convert
+        to ``output_type``: the end of every pipeline's ``__call__``."""
+        latents = self.denoise(latents, predict, sampling)
+        if output_type == "latent":
+            images = latents
+        else:
+            images = convert_images((postprocess or self.decode)(latents), output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def progress_bar(self, iterable):
         return tqdm(iterable, **self._progress_bar_config)
@@ -211,90 +244,3 @@ class DiffusionPipeline:
             else:
                 component.save_pretrained(folder / name)
         diffusers_layout.write_model_index(folder, type(self).__name__, self.components)
-
-
-# --------------------------------------------------------------------- helpers shared by the pipelines
-def step_kwargs(scheduler, eta: float, generator) -> dict:
-    """The extra arguments ``scheduler.step`` takes: eta (DDIM only) and the generator for its noise.
-
-    diffusers' LDM pipelines never pass the generator, so eta > 0 draws from the global RNG and a seed
-    does not reproduce; here it always goes through.
-    """
-    params = inspect.signature(scheduler.step).parameters
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
-
-
-def check_sampling_args(num_inference_steps, eta, generator, batch_size: int) -> None:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise LDMKitError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-    if eta is None or eta < 0:
-        raise LDMKitError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta!r}.")
-    if isinstance(generator, list | tuple) and len(generator) != batch_size:
-        raise LDMKitError(f"Got {len(generator)} generators for {batch_size} images: pass one generator, or a "
-                          f"list of exactly {batch_size} (one per image).")
-
-
-def check_latents(latents: torch.Tensor, shape: tuple, device, dtype) -> torch.Tensor:
-    if not isinstance(latents, torch.Tensor):
-        raise LDMKitError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}.")
-    if tuple(latents.shape) != tuple(shape):
-        raise LDMKitError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)} "
-                          "(batch, latent channels, height / 8, width / 8).")
-    if not latents.dtype.is_floating_point:
-        raise LDMKitError(f"latents must be floating point, got {latents.dtype}.")
-    if not torch.isfinite(latents).all():
-        raise LDMKitError("latents contain NaN or infinite values.")
-    return latents.to(device=device, dtype=dtype)
-
-
-def decode_latents(decoder, latents: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode latents to images in [0, 1]: ``D(z / scale)`` then ``x / 2 + 0.5`` (the models work in [-1, 1]).
-
-    Half-precision decoders can overflow into NaN (black images); then decode again in float32.
-    """
-    image = decoder.decode(latents.to(decoder.dtype) / scale).sample
-    if decoder.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(image).all():
-        original = decoder.dtype
-        decoder.to(torch.float32)
-        try:
-            image = decoder.decode(latents.float() / scale).sample
-        finally:
-            decoder.to(original)
-    return (image.float() / 2 + 0.5).clamp(0, 1)
-
-
-def compvis_step(scheduler, noise_pred: torch.Tensor, t, latents: torch.Tensor, eta: float, generator,
-                 draw_noise_every_step: bool):
-    """``scheduler.step`` with, optionally, the noise stream of the original CompVis samplers.
-
-    Their DDIM and PLMS steps draw ``torch.randn(x.shape)`` at every step, also when it is multiplied by 0
-    (eta = 0, PLMS), so a seed gives the same later draws as the original only if these draws happen too.
-    With ``draw_noise_every_step`` the draw is made here from ``generator``: DDIM receives it as its
-    ``variance_noise`` (it is the draw it would make itself at eta > 0); schedulers that draw no noise
-    (PNDM) drop it. Schedulers that draw their own noise otherwise are left alone.
-    """
-    from ..randomness import randn_tensor
-
-    kwargs = step_kwargs(scheduler, eta, generator)
-    if draw_noise_every_step:
-        params = inspect.signature(scheduler.step).parameters
-        if "variance_noise" in params or "generator" not in params:
-            noise = randn_tensor(noise_pred.shape, generator, noise_pred.device, noise_pred.dtype)
-            if "variance_noise" in params:
-                kwargs.pop("generator", None)
-                kwargs["variance_noise"] = noise
-    return scheduler.step(noise_pred, t, latents, **kwargs)
-
-
-def decode_first_stage(vqvae, latents: torch.Tensor) -> torch.Tensor:
-    """``LatentDiffusion.decode_first_stage`` then ``clamp((x + 1) / 2, 0, 1)``, as the CompVis scripts:
-    ``z * (1 / scale_factor)`` (a multiplication, which differs from a division in the last bit), then the
-    decoder; a VQ decoder quantizes first."""
-    z = latents.to(vqvae.dtype) * (1.0 / vqvae.config.scaling_factor)
-    image = vqvae.decode(z).sample
-    return torch.clamp((image.float() + 1.0) / 2.0, min=0.0, max=1.0)

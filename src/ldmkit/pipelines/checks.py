@@ -1,0 +1,54 @@
+"""Argument checks shared by every pipeline: one place per kind of argument, each error naming the fix."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import LDMKitError
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_positive_int(name: str, value) -> int:
+    # bool is an int subclass: True would silently mean 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LDMKitError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def check_non_negative(name: str, value, meaning: str):
+    """A finite number >= 0 (NaN or inf would silently give all-NaN images); returned unchanged."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise LDMKitError(f"{name} must be a finite number >= 0 ({meaning}), got {value!r}.")
+    return value
+
+
+def check_output_type(output_type: str, allowed: tuple[str, ...] = OUTPUT_TYPES) -> None:
+    if output_type not in allowed:
+        raise LDMKitError(f"output_type={output_type!r} is not supported; use one of {', '.join(allowed)}.")
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LDMKitError("CUDA was asked for but no CUDA GPU is available here; use device 'cpu'.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LDMKitError("MPS was asked for but is not available here; use device 'cpu'.")
+
+
+def check_latents(latents, shape: tuple, layout: str, device, dtype) -> torch.Tensor:
+    """The caller's ``x_T``: a finite float tensor of exactly ``shape`` (``layout`` names its axes)."""
+    if not isinstance(latents, torch.Tensor):
+        raise LDMKitError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}.")
+    if tuple(latents.shape) != tuple(shape):
+        raise LDMKitError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)} {layout}.")
+    if not latents.dtype.is_floating_point:
+        raise LDMKitError(f"latents must be floating point, got {latents.dtype}.")
+    if not torch.isfinite(latents).all():
+        raise LDMKitError("latents contain NaN or infinite values.")
+    return latents.to(device=device, dtype=dtype)

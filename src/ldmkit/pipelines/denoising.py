@@ -1,0 +1,140 @@
+"""The pieces of the one denoising loop that every pipeline runs (``DiffusionPipeline.denoise``).
+
+The reverse process of Rombach et al. 2022, eq. (1)-(2) in latent space: from ``z_T ~ N(0, I)`` a scheduler
+takes ``z_t -> z_{t-1}`` with the model's output ``eps_theta(z_t, t, c)`` (or ``x_0`` / ``v``), until ``z_0`` is
+decoded by the first stage, ``x = D(z_0)``. A pipeline only says how the model is called at one step
+(``predict(latents, t) -> model_output``, guidance included); this module has what is the same for all of
+them: the sampling arguments, classifier-free guidance, the scheduler step and the first-stage decode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LDMKitError
+from ..randomness import randn_tensor
+from .checks import check_non_negative, check_positive_int
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CALLBACK_TENSORS = ("latents", "noise_pred")
+
+
+@dataclass
+class Sampling:
+    """What a call asks of the loop: steps, DDIM's ``eta``, the generator(s) and the per-step callback.
+
+    ``callback(pipe, step_index, timestep, tensors) -> dict | None`` gets the tensors named in
+    ``callback_inputs`` after each step; a dict it returns replaces them (only ``latents`` is fed back).
+    """
+
+    num_inference_steps: int
+    eta: float = 0.0
+    generator: torch.Generator | list[torch.Generator] | None = None
+    callback: Callable | None = None
+    callback_inputs: tuple[str, ...] = ("latents",)
+
+    def check(self, batch_size: int, allowed_inputs: tuple[str, ...] = ("latents",)) -> None:
+        check_positive_int("num_inference_steps", self.num_inference_steps)
+        check_non_negative("eta", self.eta, "0 is deterministic DDIM, 1 is DDPM-like")
+        if isinstance(self.generator, list | tuple) and len(self.generator) != batch_size:
+            raise LDMKitError(f"Got {len(self.generator)} generators for {batch_size} images: pass one generator, "
+                              f"or a list of exactly {batch_size} (one per image).")
+        if self.callback is not None and not callable(self.callback):
+            raise LDMKitError(f"callback_on_step_end must be callable, got {type(self.callback).__name__}.")
+        bad = sorted(set(self.callback_inputs) - set(allowed_inputs))
+        if bad:
+            raise LDMKitError(f"callback_on_step_end_tensor_inputs may name {', '.join(allowed_inputs)}; got {bad}.")
+
+
+class Guidance:
+    """Classifier-free guidance (Ho & Salimans 2021; Rombach et al. 2022, sec. 4.3):
+    ``e = e_u + s (e_c - e_u)`` for every ``s >= 0``. ``s == 1`` needs only the conditional pass and ``s == 0``
+    only the unconditional one; otherwise both run as one batch, the unconditional half first (as the
+    original samplers and diffusers)."""
+
+    def __init__(self, scale: float):
+        self.scale = check_non_negative("guidance_scale", scale, "1 = no guidance")
+        self.need_cond, self.need_uncond = scale != 0, scale != 1
+
+    @property
+    def both(self) -> bool:
+        return self.need_cond and self.need_uncond
+
+    def context(self, uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning batch matching :meth:`wrap`'s model input: ``[uncond, cond]``, or the one needed."""
+        parts = [c for c, needed in ((uncond, self.need_uncond), (cond, self.need_cond)) if needed]
+        return torch.cat(parts) if len(parts) == 2 else parts[0]
+
+    def wrap(self, model: Predict) -> Predict:
+        """``predict(latents, t)`` from ``model(batched latents, t)``, which sees the latents twice when both
+        passes are needed."""
+        if not self.both:
+            return model
+
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            uncond, cond = model(torch.cat([latents, latents]), t).chunk(2)
+            return uncond + self.scale * (cond - uncond)
+
+        return predict
+
+
+def make_step(scheduler, eta: float, generator, draw_noise_every_step: bool) -> Step:
+    """``step(model_output, t, latents) -> z_{t-1}`` for this scheduler, worked out once per call.
+
+    The generator always goes to ``scheduler.step`` when it takes one, so ``eta > 0`` reproduces from a seed
+    (diffusers' LDM pipelines never pass it and draw from the global RNG). ``eta`` goes to the schedulers
+    that have it (DDIM). With ``draw_noise_every_step`` (pipelines from original CompVis checkpoints) the loop
+    also reproduces the original samplers' noise stream: their DDIM and PLMS steps draw ``torch.randn`` at
+    every step, also where it is multiplied by 0 (eta = 0, PLMS), so that draw is made here from the
+    generator. DDIM receives it as ``variance_noise`` (the draw it would make itself at eta > 0); schedulers
+    that draw no noise (PNDM) drop it; schedulers that draw their own noise are left alone.
+    """
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    compvis_noise = draw_noise_every_step and ("variance_noise" in params or "generator" not in params)
+    takes_noise = "variance_noise" in params
+    if compvis_noise and takes_noise:
+        kwargs.pop("generator", None)
+
+    def step(model_output: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        extra = kwargs
+        if compvis_noise:
+            noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+            extra = {**kwargs, "variance_noise": noise} if takes_noise else kwargs
+        return scheduler.step(model_output, t, latents, **extra).prev_sample
+
+    return step
+
+
+def decode_first_stage(vae, latents: torch.Tensor, scale: float, decode: Callable | None = None) -> torch.Tensor:
+    """``x = D(z / scale)`` mapped from [-1, 1] to [0, 1] and clamped, for every first-stage model.
+
+    ``z * (1 / scale)`` is a multiplication, as in the CompVis code and diffusers' text-to-image pipeline
+    (a division differs in the last bit). ``decode(z)`` defaults to ``vae.decode(z).sample`` (a VQ decoder
+    quantizes first); the tiled super-resolution decode passes its own. A half-precision decoder can
+    overflow into inf/NaN (a black image): then the decode is recomputed in float32, with a warning.
+    """
+    decode = decode or (lambda z: vae.decode(z).sample)
+    image = decode(latents.to(vae.dtype) * (1.0 / scale))
+    if vae.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(image).all():
+        warnings.warn(f"The {vae.dtype} first-stage decoder overflowed (inf/NaN pixels); decoding again in "
+                      "float32. Keep the decoder in float32 to skip the second decode.", RuntimeWarning,
+                      stacklevel=3)
+        original = vae.dtype
+        vae.to(torch.float32)
+        try:
+            image = decode(latents.float() * (1.0 / scale))
+        finally:
+            vae.to(original)
+    # (x + 1) / 2 equals x / 2 + 0.5 bit for bit: halving is exact, so both round once.
+    return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
