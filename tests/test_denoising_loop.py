@@ -1,0 +1,127 @@
+"""The one denoising loop of DiffusionPipeline: hooks, guidance passes, step arguments, shared checks."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from ldmkit import DiffusionPipeline, LDMKitError
+from ldmkit.pipelines import denoising
+
+
+@pytest.fixture
+def text2img(tiny_text2img_dir):
+    pipe = DiffusionPipeline.from_pretrained(tiny_text2img_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def superres(tiny_superres_dir):
+    pipe = DiffusionPipeline.from_pretrained(tiny_superres_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def uncond(tiny_uncond_dir):
+    pipe = DiffusionPipeline.from_pretrained(tiny_uncond_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _count_unet_rows(pipe) -> list[int]:
+    rows: list[int] = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda sample, *a, **k: (rows.append(sample.shape[0]), forward(sample, *a, **k))[1]
+    return rows
+
+
+@pytest.mark.parametrize("scale, rows", [(0.0, 1), (1.0, 1), (6.0, 2)])
+def test_guidance_runs_only_the_passes_it_needs(text2img, scale, rows):
+    seen = _count_unet_rows(text2img)
+    text2img("a red square", num_inference_steps=3, guidance_scale=scale, output_type="latent")
+    assert seen == [rows] * 3
+
+
+def test_predict_wrappers_and_step_callbacks_run_in_the_loop(uncond):
+    plain = uncond(num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    calls, ends = [], []
+
+    def wrapper(predict, timesteps):
+        assert len(timesteps) == 3  # applied once per call, with the call's schedule
+
+        def wrapped(latents, t):
+            calls.append(int(t))
+            return predict(latents, t)
+
+        return wrapped
+
+    uncond.predict_wrappers.append(wrapper)
+    uncond.step_callbacks.append(lambda pipe, i, t, tensors: ends.append((i, tuple(tensors))))
+    hooked = uncond(num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert calls == uncond.scheduler.timesteps.tolist()
+    assert ends == [(0, ("latents", "noise_pred")), (1, ("latents", "noise_pred")), (2, ("latents", "noise_pred"))]
+    assert torch.equal(plain, hooked)  # a wrapper that changes nothing changes nothing
+
+
+def test_a_wrapper_can_replace_the_model_call(uncond):
+    uncond.predict_wrappers.append(lambda predict, timesteps: lambda latents, t: torch.zeros_like(latents))
+    latents = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = uncond(num_inference_steps=2, latents=latents, output_type="latent").images
+    scheduler = uncond.scheduler
+    expected = latents.clone()
+    scheduler.set_timesteps(2)
+    for t in scheduler.timesteps:
+        expected = scheduler.step(torch.zeros_like(expected), t, expected).prev_sample
+    assert torch.equal(out, expected)
+
+
+def test_scheduler_step_signature_is_read_once_per_call(text2img, monkeypatch):
+    reads = []
+    real = inspect.signature
+    monkeypatch.setattr(denoising.inspect, "signature", lambda f, *a, **k: (reads.append(f), real(f, *a, **k))[1])
+    text2img("a red square", num_inference_steps=4, output_type="latent")
+    assert len(reads) == 1
+
+
+def test_diffusers_layout_pipelines_draw_no_extra_noise(text2img):
+    """Only the CompVis path draws noise at every step; a plain DDIM call at eta 0 draws x_T and nothing more."""
+    generator = torch.Generator().manual_seed(3)
+    text2img("a red square", num_inference_steps=3, generator=generator, output_type="latent")
+    fresh = torch.Generator().manual_seed(3)
+    torch.randn((1, 4, 8, 8), generator=fresh)
+    assert torch.equal(generator.get_state(), fresh.get_state())
+
+
+def test_latents_shape_error_names_the_models_factor():
+    pipe = DiffusionPipeline.from_pretrained("ldmkit:emoji-text2img")  # f = 4
+    with pytest.raises(LDMKitError, match=r"height / 4, width / 4"):
+        pipe("red apple", latents=torch.zeros(1, 4, 3, 3), num_inference_steps=1)
+
+
+def test_batch_size_true_is_refused_everywhere(superres, uncond):
+    image = torch.rand(1, 3, 16, 16)
+    with pytest.raises(LDMKitError, match="batch_size"):
+        superres(image, batch_size=True, num_inference_steps=1)
+    with pytest.raises(LDMKitError, match="batch_size"):
+        uncond(batch_size=True, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("name, value", [("guidance_scale", float("nan")), ("guidance_scale", float("inf")),
+                                         ("guidance_scale", -1.0), ("eta", float("nan")), ("eta", -0.5)])
+def test_non_finite_or_negative_numbers_are_refused(text2img, name, value):
+    with pytest.raises(LDMKitError, match=f"{name} must be a finite number >= 0"):
+        text2img("a red square", num_inference_steps=1, **{name: value})
+
+
+def test_superres_draws_x_T_like_the_other_pipelines(superres):
+    """x_T comes from initial_latents: the same draw as randn of the latent shape, times init_noise_sigma."""
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    drawn = superres(image, num_inference_steps=2, generator=torch.Generator().manual_seed(5),
+                     output_type="latent").images
+    given = superres(image, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(5),
+                     latents=torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(5))).images
+    assert torch.equal(drawn, given)
