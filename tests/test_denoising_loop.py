@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 
 import pytest
 import torch
@@ -125,3 +126,44 @@ def test_superres_draws_x_T_like_the_other_pipelines(superres):
     given = superres(image, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(5),
                      latents=torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(5))).images
     assert torch.equal(drawn, given)
+
+
+def test_legacy_callback_works_every_callback_steps_with_a_deprecation_warning(uncond):
+    seen = []
+    with pytest.warns(FutureWarning, match="callback_on_step_end"):
+        uncond(num_inference_steps=5, output_type="latent", callback=lambda i, t, latents: seen.append(
+            (i, int(t), tuple(latents.shape))), callback_steps=2)
+    timesteps = uncond.scheduler.timesteps.tolist()
+    assert seen == [(i, timesteps[i], (1, 3, 16, 16)) for i in (0, 2, 4)]
+
+
+def test_an_unexpected_argument_names_the_nearest_one(text2img):
+    with pytest.raises(LDMKitError, match="Did you mean 'num_inference_steps'"):
+        text2img("a red square", output_type="latent", num_inference_step=2)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"callback_steps": 0}, "callback_steps must be a positive integer"),
+                                           ({"callback": 3}, "callback must be callable")])
+def test_bad_legacy_callback_arguments_are_clear_errors(text2img, kwargs, match):
+    with pytest.raises(LDMKitError, match=match), pytest.warns(FutureWarning):
+        text2img("a red square", output_type="latent", **kwargs)
+
+
+def test_outputs_read_as_diffusers_outputs(uncond):
+    out = uncond(num_inference_steps=1, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out["images"] is out.images and out[0] is out.images
+    assert out.to_tuple() == (out.images,) and list(out.keys()) == ["images"]
+    (images,) = uncond(num_inference_steps=1, output_type="pt", return_dict=False,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, out.images)
+
+
+def test_progress_bar_takes_a_total_for_custom_loops(uncond):
+    stream = io.StringIO()
+    uncond.set_progress_bar_config(file=stream)
+    with uncond.progress_bar(total=3) as bar:
+        for _ in range(3):
+            bar.update()
+    assert "3/3" in stream.getvalue()
+    with pytest.raises(LDMKitError, match="iterable or a total"):
+        uncond.progress_bar()

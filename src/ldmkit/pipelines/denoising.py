@@ -9,6 +9,7 @@ them: the sampling arguments, classifier-free guidance, the scheduler step and t
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,7 @@ class Sampling:
     generator: torch.Generator | list[torch.Generator] | None = None
     callback: Callable | None = None
     callback_inputs: tuple[str, ...] = ("latents",)
+    legacy_callback: Callable | None = None  # diffusers' deprecated callback=, made by legacy_callback()
 
     def check(self, batch_size: int, allowed_inputs: tuple[str, ...] = ("latents",)) -> None:
         check_positive_int("num_inference_steps", self.num_inference_steps)
@@ -50,6 +52,34 @@ class Sampling:
         bad = sorted(set(self.callback_inputs) - set(allowed_inputs))
         if bad:
             raise LDMKitError(f"callback_on_step_end_tensor_inputs may name {', '.join(allowed_inputs)}; got {bad}.")
+
+
+def legacy_callback(call: Callable, extra: dict) -> Callable | None:
+    """diffusers' deprecated ``callback(step, timestep, latents)`` every ``callback_steps`` steps, as a hook
+    of the loop (diffusers' LDM pipelines accept and ignore it; here it works, with diffusers' deprecation
+    warning). Any other unexpected keyword is an error naming the nearest argument of ``call``."""
+    unknown = sorted(set(extra) - {"callback", "callback_steps"})
+    if unknown:
+        names = [n for n in inspect.signature(call).parameters if n not in ("self", "kwargs")]
+        close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else f" The arguments are: {', '.join(names)}."
+        raise LDMKitError(f"Unexpected argument(s) {unknown}.{hint}")
+    if not extra:
+        return None
+    warnings.warn("callback and callback_steps are deprecated (as in diffusers): use callback_on_step_end("
+                  "pipe, step, timestep, tensors).", FutureWarning, stacklevel=3)
+    callback, every = extra.get("callback"), extra.get("callback_steps", 1)
+    check_positive_int("callback_steps", every)
+    if callback is None:
+        return None
+    if not callable(callback):
+        raise LDMKitError(f"callback must be callable, got {type(callback).__name__}.")
+
+    def hook(pipe, i: int, t, tensors: dict) -> None:
+        if i % every == 0:
+            callback(i, t, tensors["latents"])
+
+    return hook
 
 
 class Guidance:

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import LDMKitError
 from .checks import check_output_type, check_positive_int
-from .denoising import CALLBACK_TENSORS, Guidance, Sampling
+from .denoising import CALLBACK_TENSORS, Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
 
@@ -113,6 +113,7 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        **kwargs,
     ):
         """Generate images from text.
 
@@ -131,7 +132,7 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         height, width = self._check_size(height, width)
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
-                            tuple(callback_on_step_end_tensor_inputs))
+                            tuple(callback_on_step_end_tensor_inputs), legacy_callback(self.__call__, kwargs))
 
         cond, uncond = self.encode_prompt(prompt, num_images_per_prompt, negative_prompt, prompt_embeds,
                                           negative_prompt_embeds, need_uncond=guidance.need_uncond,

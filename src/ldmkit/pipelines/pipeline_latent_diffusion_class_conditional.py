@@ -8,7 +8,7 @@ import torch
 
 from ..errors import LDMKitError
 from .checks import check_output_type
-from .denoising import Guidance, Sampling
+from .denoising import Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
 
@@ -57,6 +57,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        **kwargs,
     ):
         """One image per entry of ``class_labels``.
 
@@ -68,7 +69,8 @@ class LDMClassConditionalPipeline(DiffusionPipeline):
         check_output_type(output_type)
         labels = self._labels(class_labels)
         guidance = Guidance(guidance_scale)
-        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end)
+        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
+                            legacy_callback=legacy_callback(self.__call__, kwargs))
         sampling.check(labels.shape[0])
         device, dtype = self.unet.device, self.unet.dtype
         labels = labels.to(self.class_embedder.device)

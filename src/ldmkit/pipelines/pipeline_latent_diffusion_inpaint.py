@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import LDMKitError
 from .checks import check_output_type
-from .denoising import Sampling
+from .denoising import Sampling, legacy_callback
 from .image_processing import to_tensor
 from .pipeline_utils import DiffusionPipeline
 
@@ -117,6 +117,7 @@ class LDMInpaintPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        **kwargs,
     ):
         """Inpaint ``image`` where ``mask_image`` is 1 (white).
 
@@ -129,7 +130,8 @@ class LDMInpaintPipeline(DiffusionPipeline):
         if image is None or mask_image is None:
             raise LDMKitError("Inpainting needs image and mask_image (white = the part to repaint).")
         image, mask, condition = self.prepare_inputs(image, mask_image)
-        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end)
+        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
+                            legacy_callback=legacy_callback(self.__call__, kwargs))
         sampling.check(image.shape[0])
         device, dtype = self.unet.device, self.unet.dtype
         condition = condition.to(device=device, dtype=dtype)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import LDMKitError
 from .checks import check_output_type, check_positive_int
-from .denoising import Sampling
+from .denoising import Sampling, legacy_callback
 from .image_processing import to_tensor_groups
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, convert_images
 from .tiling import blend_tiles
@@ -52,6 +52,7 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
         tile_overlap: int = 32,
         decode_tile_size: int = 64,
         callback_on_step_end: Callable | None = None,
+        **kwargs,
     ):
         """Upscale ``image`` (PIL, numpy or tensor in [0, 1]; one image, a batch, or a list).
 
@@ -62,6 +63,7 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
         works on ``decode_tile_size`` latent tiles.
         """
         check_output_type(output_type)
+        legacy = legacy_callback(self.__call__, kwargs)
         if image is None:
             raise LDMKitError("image is required: the low-resolution image to upscale.")
         check_positive_int("batch_size", batch_size)
@@ -82,7 +84,7 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
         for indices, lowres in groups:
             rows = [i * batch_size + k for i in indices for k in range(batch_size)]
             gens = [generator[r] for r in rows] if isinstance(generator, list | tuple) else generator
-            sampling = Sampling(num_inference_steps, eta, gens, callback_on_step_end)
+            sampling = Sampling(num_inference_steps, eta, gens, callback_on_step_end, legacy_callback=legacy)
             out = self._upscale(lowres.repeat_interleave(batch_size, dim=0), sampling, latents, tiles, output_type)
             for row, img in zip(rows, out):
                 results[row] = img

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from .checks import check_output_type, check_positive_int
-from .denoising import Sampling
+from .denoising import Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
 
@@ -34,10 +34,12 @@ class LDMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
+        **kwargs,
     ):
         check_output_type(output_type)
         check_positive_int("batch_size", batch_size)
-        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end)
+        sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
+                            legacy_callback=legacy_callback(self.__call__, kwargs))
         sampling.check(batch_size)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)

@@ -17,19 +17,18 @@ from tqdm.auto import tqdm
 from ..errors import LDMKitError
 from ..loading import diffusers_layout
 from ..models.modeling_utils import parse_dtype
+from ..outputs import BaseOutput
 from ..randomness import randn_tensor
 from .checks import check_device, check_latents
 from .denoising import Predict, Sampling, decode_first_stage, make_step
 
 
 @dataclass
-class ImagePipelineOutput:
-    """``images``: a list of PIL images, a numpy array (N, H, W, C) in [0, 1], or a tensor (N, C, H, W)."""
+class ImagePipelineOutput(BaseOutput):
+    """``images``: a list of PIL images, a numpy array (N, H, W, C) in [0, 1], or a tensor (N, C, H, W).
+    Read it as diffusers' outputs: ``out.images``, ``out["images"]``, ``out[0]``, ``out.to_tuple()``."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-
-    def __getitem__(self, index):
-        return (self.images,)[index]
 
 
 def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
@@ -143,6 +142,8 @@ class DiffusionPipeline:
         tensors = {"latents": latents, "noise_pred": model_output}
         for callback in self.step_callbacks:
             callback(self, i, t, tensors)
+        if sampling.legacy_callback is not None:
+            sampling.legacy_callback(self, i, t, tensors)
         if sampling.callback is None:
             return latents
         result = sampling.callback(self, i, t, {k: tensors[k] for k in sampling.callback_inputs})
@@ -165,8 +166,15 @@ class DiffusionPipeline:
             images = convert_images((postprocess or self.decode)(latents), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    def progress_bar(self, iterable):
-        return tqdm(iterable, **self._progress_bar_config)
+    def progress_bar(self, iterable=None, total=None):
+        """A tqdm bar with the pipeline's options, over ``iterable`` or for ``total`` manual updates (as
+        diffusers' custom sampling loops use it)."""
+        if iterable is None and total is None:
+            raise LDMKitError("progress_bar needs an iterable or a total: progress_bar(timesteps) or "
+                              "progress_bar(total=num_steps).")
+        if iterable is not None:
+            return tqdm(iterable, **self._progress_bar_config)
+        return tqdm(total=total, **self._progress_bar_config)
 
     numpy_to_pil = staticmethod(numpy_to_pil)
 
