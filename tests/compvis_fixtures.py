@@ -111,7 +111,7 @@ def call_pipeline(pipe, family: str, eta: float, **kwargs):
     if family == "txt2img":
         return pipe(prompts(ref["cond.token_ids"]), guidance_scale=GUIDED[family], **kwargs)
     if family == "superres":
-        return pipe((ref["cond.lr_image"] + 1) / 2, **kwargs)
+        return pipe(ref["cond.lr_image"], **kwargs)  # a tensor in [-1, 1], as diffusers
     if family == "uncond":
         return pipe(batch_size=ref["x_T"].shape[0], **kwargs)
     if family == "cin":

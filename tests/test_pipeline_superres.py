@@ -135,3 +135,28 @@ def test_bad_tiling_args(sr):
 
 def test_loads_through_diffusion_pipeline(tiny_superres_dir):
     assert isinstance(DiffusionPipeline.from_pretrained(tiny_superres_dir), LDMSuperResolutionPipeline)
+
+
+def test_tensors_follow_diffusers_convention(sr, tiny_superres_dir):
+    """A float tensor is read in [-1, 1], as diffusers' pipeline: 0.5 everywhere is a bright 0.75 grey."""
+    import diffusers
+
+    theirs = diffusers.LDMSuperResolutionPipeline.from_pretrained(tiny_superres_dir)
+    theirs.set_progress_bar_config(disable=True)
+    image = torch.full((1, 3, 32, 32), 0.5)
+    latents = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    ours = sr(image, num_inference_steps=2, latents=latents, output_type="np").images
+    ref = theirs(image, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.abs(ours - ref).max() <= 1e-4
+    uint8 = sr(torch.full((1, 3, 32, 32), 191, dtype=torch.uint8), num_inference_steps=2, latents=latents,
+               output_type="np").images  # uint8 stays 0-255: 191 / 255 is the same grey to 0.2 %
+    assert np.abs(uint8 - ours).max() < 0.02
+
+
+@pytest.mark.parametrize("image, message", [
+    (torch.full((1, 3, 8, 8), 200.0), r"read in \[-1, 1\].*spans \[200, 200\]"),
+    (torch.full((1, 3, 8, 8), 200, dtype=torch.int64), "integer tensors must be uint8"),
+])
+def test_tensors_outside_the_convention_are_refused(sr, image, message):
+    with pytest.raises(LDMKitError, match=message):
+        sr(image, num_inference_steps=1)

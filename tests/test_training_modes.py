@@ -99,8 +99,8 @@ def test_super_resolution_concat(toy, vq_f4, tmp_path):
     assert type(ours).__name__ == type(theirs).__name__ == "LDMSuperResolutionPipeline"
     assert ours.unet.config.in_channels == 3 + 3
     low = torch.rand(1, 3, 4, 4)
-    out = ours(image=low, num_inference_steps=2, output_type="np").images
-    ref = theirs(image=low * 2 - 1, num_inference_steps=2, output_type="np").images  # diffusers wants [-1, 1]
+    out = ours(image=low * 2 - 1, num_inference_steps=2, output_type="np").images  # tensors in [-1, 1], as diffusers
+    ref = theirs(image=low * 2 - 1, num_inference_steps=2, output_type="np").images
     assert out.shape == ref.shape == (1, 16, 16, 3)
 
 

@@ -51,11 +51,43 @@ def _fix_channels(nchw: torch.Tensor, name: str) -> torch.Tensor:
                       "Convert it to RGB first.")
 
 
-def to_tensor(image, name: str = "image") -> torch.Tensor:
+SIGNED_SLACK = 1e-3  # rounding of an image computed in [-1, 1] may step just past its ends
+
+
+def _tensor_to_nchw(image: torch.Tensor, name: str, signed: bool) -> torch.Tensor:
+    t = image.detach()
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4:
+        raise LDMKitError(f"{name}: expected a tensor (C, H, W) or (N, C, H, W), got shape {tuple(t.shape)}.")
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if not t.dtype.is_floating_point:
+        raise LDMKitError(f"{name}: integer tensors must be uint8 (0-255), got {t.dtype}; pass a uint8 or a "
+                          f"float tensor in {'[-1, 1]' if signed else '[0, 1]'}.")
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise LDMKitError(f"{name} contains NaN or infinite values.")
+    if signed:
+        low, high = t.aminmax() if t.numel() else (0.0, 0.0)
+        if low < -1 - SIGNED_SLACK or high > 1 + SIGNED_SLACK:
+            raise LDMKitError(f"{name}: float tensors are read in [-1, 1] (diffusers' convention), but this one "
+                              f"spans [{low:.3g}, {high:.3g}]. Pass image * 2 - 1 for an image in [0, 1], "
+                              "image / 127.5 - 1 for [0, 255], or a uint8 tensor or a PIL image.")
+        return (t + 1) / 2
+    if t.numel() and t.min() < 0:
+        logger.warning("%s has negative values: taking it as [-1, 1] rather than [0, 1].", name)
+        t = (t + 1) / 2
+    return t
+
+
+def to_tensor(image, name: str = "image", signed: bool = False) -> torch.Tensor:
     """One image or batch -> float tensor (N, 3, H, W) in [0, 1].
 
-    Tensors are (C, H, W) or (N, C, H, W) in [0, 1]; one with negative values is taken as [-1, 1] (the
-    convention of diffusers' old super-resolution pipeline), with a warning.
+    PIL images and uint8 arrays or tensors are 0-255; float numpy arrays are [0, 1]. Float tensors are
+    (C, H, W) or (N, C, H, W): with ``signed`` (super-resolution, as diffusers' pipeline) in [-1, 1], and an
+    error outside it; otherwise in [0, 1], where one with negative values is taken as [-1, 1] with a warning
+    (as diffusers' image processor).
     """
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
@@ -64,17 +96,7 @@ def to_tensor(image, name: str = "image") -> torch.Tensor:
     elif isinstance(image, np.ndarray):
         t = torch.from_numpy(_array_to_nhwc(image, name)).permute(0, 3, 1, 2)
     elif isinstance(image, torch.Tensor):
-        t = image.detach()
-        if t.ndim == 3:
-            t = t[None]
-        if t.ndim != 4:
-            raise LDMKitError(f"{name}: expected a tensor (C, H, W) or (N, C, H, W), got shape {tuple(t.shape)}.")
-        if not t.dtype.is_floating_point:
-            t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-        t = t.float()
-        if t.numel() and t.min() < 0:
-            logger.warning("%s has negative values: taking it as [-1, 1] rather than [0, 1].", name)
-            t = (t + 1) / 2
+        t = _tensor_to_nchw(image, name, signed)
     else:
         raise LDMKitError(f"{name} must be a PIL image, a numpy array or a torch tensor "
                           f"(or a list of them), got {type(image).__name__}.")
@@ -85,18 +107,18 @@ def to_tensor(image, name: str = "image") -> torch.Tensor:
     return _fix_channels(t, name).clamp(0, 1).contiguous()
 
 
-def to_tensor_groups(images, name: str = "image") -> list[tuple[list[int], torch.Tensor]]:
+def to_tensor_groups(images, name: str = "image", signed: bool = False) -> list[tuple[list[int], torch.Tensor]]:
     """One image, a batch, or a list of images -> ``[(indices, batch), ...]`` with one batch per size.
 
     Images of the same size are batched together; a list of mixed sizes is processed one size at a time,
     and ``indices`` say where each result goes in the input order.
     """
     if not isinstance(images, list | tuple):
-        batch = to_tensor(images, name)
+        batch = to_tensor(images, name, signed)
         return [(list(range(batch.shape[0])), batch)]
     if not images:
         raise LDMKitError(f"{name} is an empty list: give at least one image.")
-    tensors = [to_tensor(im, f"{name}[{i}]") for i, im in enumerate(images)]
+    tensors = [to_tensor(im, f"{name}[{i}]", signed) for i, im in enumerate(images)]
     groups: dict[tuple[int, int], list[int]] = {}
     offsets, count = [], 0
     for t in tensors:

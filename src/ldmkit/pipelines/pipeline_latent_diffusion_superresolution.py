@@ -54,7 +54,8 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         **kwargs,
     ):
-        """Upscale ``image`` (PIL, numpy or tensor in [0, 1]; one image, a batch, or a list).
+        """Upscale ``image``: PIL, a numpy array (uint8, or float in [0, 1]) or a tensor (uint8, or float in
+        [-1, 1] as diffusers' pipeline reads it); one image, a batch, or a list.
 
         ``batch_size`` samples are drawn per input image. Images of the same size are batched together; a
         list of mixed sizes is processed one size at a time and returned in the input order.
@@ -73,7 +74,7 @@ class LDMSuperResolutionPipeline(DiffusionPipeline):
                 raise LDMKitError(f"{name} must be a positive multiple of {multiple}, got {value!r}.")
         if not 0 <= tile_overlap < tile_size:
             raise LDMKitError(f"tile_overlap must be in [0, tile_size), got {tile_overlap}.")
-        groups = to_tensor_groups(image)
+        groups = to_tensor_groups(image, signed=True)
         total = sum(len(idx) for idx, _ in groups) * batch_size
         Sampling(num_inference_steps, eta, generator).check(total)
         if latents is not None and len(groups) > 1:
