@@ -18,7 +18,7 @@ from .pipeline_utils import (
 )
 
 
-class LDMPipeline(DiffusionPipeline):
+class LDMPipeline(DiffusionPipeline, compvis_family="unconditional"):
     """Samples images from noise: UNet2DModel denoises latents, the VQ (or KL) decoder decodes them.
 
     Latents are divided by ``vqvae.config.scaling_factor`` before decoding. ldmkit's VQModel defaults it
