@@ -171,3 +171,52 @@ def test_dtype_and_device(tiny_text2img_dir):
             pipe.to("cuda")
     with pytest.raises(LDMKitError, match="Unknown dtype"):
         DiffusionPipeline.from_pretrained(tiny_text2img_dir, torch_dtype="float13")
+
+
+def test_registries_hold_every_class_by_its_on_disk_name():
+    import ldmkit
+    from ldmkit import registry
+    from ldmkit.loading.compvis_config import FAMILIES
+
+    for name in [n for n in ldmkit.pipelines.__all__ if n.startswith("LDM")]:
+        assert registry.PIPELINES.get(name) is getattr(ldmkit, name)
+    for name in ("AutoencoderKL", "VQModel", "UNet2DModel", "UNet2DConditionModel", "DDIMScheduler", "PNDMScheduler"):
+        assert registry.COMPONENTS.get(("diffusers", name)) is getattr(ldmkit, name)
+    assert registry.COMPONENTS.get(("ldmkit", "ClassEmbedder")) is ldmkit.ClassEmbedder
+    assert registry.COMPONENTS.get(("latent_diffusion", "LDMBertModel")) is ldmkit.LDMBertModel
+    assert registry.COMPONENTS.get(("transformers", "BertTokenizerFast")) is ldmkit.LDMTokenizer
+    assert registry.COMPONENTS.key_of(ldmkit.LDMTokenizer) == ("transformers", "BertTokenizer")
+    assert registry.COMPONENTS.get(("diffusers", "SchedulerMixin")) is None  # bases are not components
+    assert sorted(registry.COMPVIS_FAMILIES.keys()) == sorted(FAMILIES)
+
+
+def test_a_pipeline_subclass_loads_back_by_its_own_name(tiny_text2img_dir, tmp_path):
+    class MyTextToImagePipeline(LDMTextToImagePipeline):
+        pass
+
+    pipe = MyTextToImagePipeline(**DiffusionPipeline.from_pretrained(tiny_text2img_dir).components)
+    pipe.save_pretrained(tmp_path / "mine")
+    assert json.loads((tmp_path / "mine" / "model_index.json").read_text())["_class_name"] == "MyTextToImagePipeline"
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "mine")) is MyTextToImagePipeline
+
+
+def test_a_name_two_classes_claim_is_refused_on_lookup():
+    from ldmkit.registry import Registry
+
+    reg = Registry("test")
+    first, again, other = type("Thing", (), {}), type("Thing", (), {}), type("Thing", (), {"__module__": "elsewhere"})
+    reg.add("Thing", first)
+    reg.add("Thing", again)  # the same class statement run again replaces the first
+    assert reg.get("Thing") is again
+    reg.add("Thing", other)
+    with pytest.raises(LDMKitError, match="Several test classes"):
+        reg.get("Thing")
+
+
+def test_a_missing_loader_is_a_broken_invariant(tiny_text2img_dir, tmp_path, monkeypatch):
+    from ldmkit import registry
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_text2img_dir)
+    monkeypatch.delitem(registry._LOADERS, "save_pretrained")
+    with pytest.raises(AssertionError, match="no 'save_pretrained' loader"):
+        pipe.save_pretrained(tmp_path / "saved")

@@ -1,7 +1,13 @@
-"""ldmkit: Latent Diffusion Models in plain PyTorch, with diffusers' API and files."""
+"""ldmkit: Latent Diffusion Models in plain PyTorch, with diffusers' API and files.
+
+Importing the package imports the assembly (``ldmkit.assembly``), which registers the loaders behind
+``DiffusionPipeline.from_pretrained`` / ``from_single_file`` / ``save_pretrained`` (see ``ldmkit.registry``):
+any ``import ldmkit...`` runs this file first, so they are always there.
+"""
 
 __version__ = "0.1.0"
 
+from . import assembly  # noqa: F401  (registers the pipelines' loaders)
 from .configuration import ConfigMixin, FrozenDict
 from .errors import LDMKitError
 from .models import (

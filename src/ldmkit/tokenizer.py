@@ -20,6 +20,7 @@ import torch
 from .errors import LDMKitError
 from .io import atomic_write_text
 from .loading.hub import resolve_folder
+from .registry import COMPONENTS
 
 logger = logging.getLogger("ldmkit")
 
@@ -81,6 +82,8 @@ def read_vocab_txt(path: Path) -> dict[str, int]:
     return vocab
 
 
+# transformers' names: diffusers writes ["transformers", "BertTokenizer"]; Hub repos also say BertTokenizerFast.
+@COMPONENTS.register(("transformers", "BertTokenizer"), aliases=[("transformers", "BertTokenizerFast")])
 class LDMTokenizer:
     """BERT WordPiece tokenizer, called as diffusers calls transformers' one:
     ``tokenizer(prompts, padding="max_length", max_length=77)``.

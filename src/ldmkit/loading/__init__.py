@@ -1,1 +1,11 @@
-"""Finding and reading weights: Hub resolution, the diffusers layout, original CompVis checkpoints."""
+"""The low loading layer: files and names, no classes above it.
+
+Hub resolution (``hub``), weight files (``weights``), the models bundled with the package (``bundled``), the
+diffusers layout on disk (``diffusers_layout``), and the original CompVis checkpoints read as data: their YAML
+(``compvis_config``), their state dict (``compvis_checkpoint``) and the key tables that rename it
+(``compvis_keys``, ``compvis_unet``, ``compvis_first_stage``, ``compvis_text``).
+
+These modules import nothing of ldmkit above ``errors``, ``io``, ``configuration`` and ``registry``: models,
+schedulers and the tokenizer use them to read their own files. Turning files into pipelines needs the
+pipeline classes and so sits above them, in ``ldmkit.assembly``.
+"""

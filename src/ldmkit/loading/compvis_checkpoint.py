@@ -14,7 +14,7 @@ from ..errors import LDMKitError
 from .weights import load_state_dict
 
 if TYPE_CHECKING:
-    from .compvis import CompVisSpec
+    from .compvis_config import CompVisSpec
 
 logger = logging.getLogger("ldmkit")
 

@@ -1,7 +1,8 @@
-"""The diffusers pipeline layout: ``model_index.json`` plus one sub-folder per component.
+"""The diffusers pipeline layout on disk: ``model_index.json`` plus one sub-folder per component.
 
-``model_index.json`` maps each component name to ``[library, class name]``; the tables below are the
-explicit correspondence between those on-disk names and ldmkit's classes, in both directions.
+This is the file side only: finding the folder (bundled, local or on the Hub, fetching only the files the
+components need), reading and writing ``model_index.json``. Which classes its names mean is the registry's
+business (``ldmkit.registry``), and building the pipeline is the assembly's (``ldmkit.assembly.pretrained``).
 """
 
 from __future__ import annotations
@@ -13,60 +14,13 @@ from pathlib import Path
 from ..configuration import DIFFUSERS_LAYOUT_VERSION, read_json
 from ..errors import LDMKitError
 from ..io import atomic_write_text
-from .hub import hub_file, resolve_folder
-
-
-def _pipeline_classes() -> dict:
-    from .. import pipelines as p
-
-    return {name: getattr(p, name) for name in p.PIPELINE_NAMES}
-
-
-def _component_classes() -> dict[tuple[str, str], type]:
-    """(library, class name) as written in model_index.json -> ldmkit class."""
-    from .. import models, schedulers, tokenizer
-
-    table: dict[tuple[str, str], type] = {}
-    for name in models.MODEL_NAMES:
-        table[("diffusers", name)] = getattr(models, name)
-    for name in models.LDMKIT_MODEL_NAMES:
-        table[("ldmkit", name)] = getattr(models, name)
-    for name in schedulers.__all__:
-        if name.endswith("Scheduler"):
-            table[("diffusers", name)] = getattr(schedulers, name)
-    table[("latent_diffusion", "LDMBertModel")] = models.LDMBertModel
-    table[("transformers", "BertTokenizer")] = tokenizer.LDMTokenizer
-    table[("transformers", "BertTokenizerFast")] = tokenizer.LDMTokenizer
-    return table
-
-
-def on_disk_name(component) -> list[str]:
-    """The [library, class name] that diffusers expects in model_index.json for ``component``."""
-    from .. import models, tokenizer
-
-    name = type(component).__name__
-    if isinstance(component, tokenizer.LDMTokenizer):
-        return ["transformers", "BertTokenizer"]
-    if name == "LDMBertModel":
-        return ["latent_diffusion", "LDMBertModel"]
-    if name in models.LDMKIT_MODEL_NAMES:
-        return ["ldmkit", name]
-    return ["diffusers", name]
-
-
-def pipeline_class(class_name, folder):
-    classes = _pipeline_classes()
-    if class_name not in classes:
-        raise LDMKitError(f"{folder}/model_index.json names pipeline {class_name!r}, which ldmkit does not "
-                          f"implement (supported: {', '.join(sorted(classes))}).")
-    return classes[class_name]
+from .bundled import local_name
+from .hub import hub_file, looks_like_hub_id, resolve_folder
 
 
 def resolve_pipeline_folder(name_or_path, *, revision=None, cache_dir=None, local_files_only=False):
     """Local folder and parsed model_index.json for a bundled name, a folder or a Hub id; only needed files are
     downloaded."""
-    from .bundled import local_name
-
     name_or_path = local_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -75,7 +29,7 @@ def resolve_pipeline_folder(name_or_path, *, revision=None, cache_dir=None, loca
                               "folder save_pretrained wrote, or load a single model with its own class.")
         return path, _read_index(path / "model_index.json")
     hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only}
-    if path.exists() or not _is_hub_id(str(name_or_path)):
+    if path.exists() or not looks_like_hub_id(str(name_or_path)):
         resolve_folder(name_or_path, **hub_kwargs)  # raises the right error for files and bad paths
     index = _read_index(hub_file(str(name_or_path), "model_index.json", **hub_kwargs))
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
@@ -90,12 +44,6 @@ def resolve_pipeline_folder(name_or_path, *, revision=None, cache_dir=None, loca
     return folder, index
 
 
-def _is_hub_id(name: str) -> bool:
-    from .hub import looks_like_hub_id
-
-    return looks_like_hub_id(name)
-
-
 def _needs_pickles(sub: Path) -> bool:
     has_config = (sub / "config.json").is_file()
     return has_config and not any(sub.glob("*.safetensors"))
@@ -108,27 +56,16 @@ def _read_index(path) -> dict:
     return index
 
 
-def load_component(folder: Path, name: str, entry, torch_dtype, variant):
+def component_entry(folder: Path, name: str, entry) -> tuple[str, str]:
+    """The ``[library, class name]`` that ``model_index.json`` gives component ``name``, checked."""
     if not (isinstance(entry, list | tuple) and len(entry) == 2):
         raise LDMKitError(f"{folder}/model_index.json: entry {name!r} must be [library, class], got {entry!r}.")
-    library, class_name = entry
-    table = _component_classes()
-    cls = table.get((library, class_name)) or table.get(("diffusers", class_name))
-    if cls is None:
-        raise LDMKitError(f"{folder}/model_index.json: component {name!r} is a {library}.{class_name}, which "
-                          "ldmkit does not implement.")
-    sub = folder / name
-    if not sub.is_dir():
-        raise LDMKitError(f"{sub} is missing: the pipeline folder is incomplete. Re-download or re-save it.")
-    if hasattr(cls, "from_folder"):
-        return cls.from_folder(sub, torch_dtype=torch_dtype, variant=variant)
-    return cls.from_pretrained(sub)
+    return entry[0], entry[1]
 
 
-def write_model_index(folder: Path, pipeline_name: str, components: dict) -> None:
-    index = {"_class_name": pipeline_name, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION}
-    for name, component in components.items():
-        index[name] = on_disk_name(component)
+def write_model_index(folder: Path, pipeline_name: str, entries: dict[str, list[str]]) -> None:
+    """``model_index.json`` for pipeline ``pipeline_name`` with ``entries``: component name -> [library, class]."""
+    index = {"_class_name": pipeline_name, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION, **entries}
     atomic_write_text(Path(folder) / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

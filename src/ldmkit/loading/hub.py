@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ..errors import LDMKitError
+from .bundled import local_name
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
@@ -28,8 +29,6 @@ def resolve_folder(
 ) -> Path:
     """Return a local folder for ``name_or_path``: a bundled model's folder (``ldmkit:NAME``), the folder itself,
     or the Hub snapshot (downloaded or cached)."""
-    from .bundled import local_name
-
     name_or_path = local_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():

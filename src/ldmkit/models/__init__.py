@@ -12,14 +12,7 @@ from .unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from .vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder, VectorQuantizer
 from .vq_model import VQEncoderOutput, VQModel
 
-# The diffusers model classes ldmkit implements, by the name model_index.json gives them.
-MODEL_NAMES = ("AutoencoderKL", "UNet2DConditionModel", "UNet2DModel", "VQModel")
-# ldmkit's own model classes, written to model_index.json as ["ldmkit", name] (diffusers has no equivalent).
-LDMKIT_MODEL_NAMES = ("ClassEmbedder",)
-
 __all__ = [
-    "LDMKIT_MODEL_NAMES",
-    "MODEL_NAMES",
     "Attention",
     "AutoencoderKL",
     "AutoencoderKLOutput",

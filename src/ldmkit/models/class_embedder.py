@@ -9,7 +9,8 @@ from ..errors import LDMKitError
 from .modeling_utils import ModelMixin
 
 
-class ClassEmbedder(ModelMixin):
+# In model_index.json as ["ldmkit", "ClassEmbedder"]: diffusers has no class for it.
+class ClassEmbedder(ModelMixin, library="ldmkit"):
     """``tau(y) = E[y]``, a one-token cross-attention context for the UNet (Rombach et al. 2022, sec. 3.3).
 
     ``forward(class_labels (B,)) -> (B, 1, embed_dim)``. The parameter is ``embedding.weight``

@@ -155,7 +155,8 @@ class LDMBertEncoder(nn.Module):
         return self.layer_norm(x)
 
 
-class LDMBertModel(ModelMixin):
+# diffusers keeps LDMBertModel in its latent_diffusion pipeline package, so model_index.json says so.
+class LDMBertModel(ModelMixin, library="latent_diffusion"):
     """The LDMBert text encoder; ``forward(input_ids)`` gives ``.last_hidden_state`` ``[B, L, d_model]``.
 
     ``to_logits`` (the masked-LM head, 39M parameters in the published model) is unused at inference but

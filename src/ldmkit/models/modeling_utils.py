@@ -11,8 +11,10 @@ from torch import nn
 
 from ..configuration import ConfigMixin
 from ..errors import LDMKitError
+from ..io import atomic_path
 from ..loading.hub import resolve_folder
 from ..loading.weights import find_weights, load_state_dict, save_state_dict
+from ..registry import COMPONENTS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -35,6 +37,12 @@ class ModelMixin(nn.Module, ConfigMixin):
     weights_stems: tuple[str, ...] = ("diffusion_pytorch_model",)
     # Regexes of keys that real checkpoints carry but the network does not use (ignored when loading).
     _ignored_checkpoint_keys: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, library: str = "diffusers", **kwargs):
+        """Every network joins the component registry as ``[library, class name]``, the entry model_index.json
+        gives it (``library="ldmkit"`` for ldmkit's own, which diffusers lacks)."""
+        super().__init_subclass__(**kwargs)
+        COMPONENTS.add((library, cls.__name__), cls)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,7 +129,5 @@ class ModelMixin(nn.Module, ConfigMixin):
         if safe_serialization:
             save_state_dict(self.state_dict(), folder / f"{stem}.safetensors")
         else:
-            from ..io import atomic_path
-
             with atomic_path(folder / f"{stem}.bin") as tmp:
                 torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, tmp)

@@ -7,10 +7,6 @@ from .pipeline_latent_diffusion_superresolution import LDMSuperResolutionPipelin
 from .pipeline_latent_diffusion_uncond import LDMPipeline
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-# Pipelines that model_index.json's _class_name may name (DiffusionPipeline.from_pretrained dispatches here).
-PIPELINE_NAMES = ["LDMTextToImagePipeline", "LDMSuperResolutionPipeline", "LDMPipeline", "LDMClassConditionalPipeline",
-                  "LDMInpaintPipeline"]
-
 __all__ = [
     "DiffusionPipeline",
     "ImagePipelineOutput",

@@ -21,7 +21,7 @@ def _as_prompt_list(prompt, name: str) -> list[str]:
     return list(prompts)
 
 
-class LDMTextToImagePipeline(DiffusionPipeline):
+class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
     """Text-to-image LDM: LDMBert encodes the prompt, the UNet denoises latents with cross-attention,
     the autoencoder decodes them.
 

@@ -12,7 +12,7 @@ from .denoising import Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
 
-class LDMClassConditionalPipeline(DiffusionPipeline):
+class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-conditional"):
     """Images of given classes: the class embedder gives a one-token context that the UNet cross-attends to,
     the VQ (or KL) decoder decodes the latents.
 

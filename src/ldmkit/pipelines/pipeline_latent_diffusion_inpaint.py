@@ -59,7 +59,7 @@ def _image_to_tensor(image) -> torch.Tensor:
     return to_tensor(image)
 
 
-class LDMInpaintPipeline(DiffusionPipeline):
+class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
     """Fills the masked part of an image, keeping the rest.
 
     The UNet (UNet2DModel) sees ``[z_t, E(masked image), mask]``: the first-stage latent of the image with

@@ -18,7 +18,7 @@ from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, convert_imag
 from .tiling import blend_tiles
 
 
-class LDMSuperResolutionPipeline(DiffusionPipeline):
+class LDMSuperResolutionPipeline(DiffusionPipeline, compvis_family="super-resolution"):
     """Upscales images exactly ``2 ** (len(vqvae.config.block_out_channels) - 1)`` times (4x for the
     published model), whatever their size: the input is padded to what the UNet needs and the output
     cropped back, never resized. Large inputs are processed in overlapping tiles (``tile_size``), in

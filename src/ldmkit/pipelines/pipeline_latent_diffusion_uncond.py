@@ -11,7 +11,7 @@ from .denoising import Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
 
-class LDMPipeline(DiffusionPipeline):
+class LDMPipeline(DiffusionPipeline, compvis_family="unconditional"):
     """Samples images from noise: UNet2DModel denoises latents, the VQ (or KL) decoder decodes them.
 
     Latents are divided by ``vqvae.config.scaling_factor`` before decoding. ldmkit's VQModel defaults it

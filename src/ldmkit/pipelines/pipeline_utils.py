@@ -6,7 +6,6 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LDMKitError
-from ..loading import diffusers_layout
 from ..models.modeling_utils import parse_dtype
 from ..outputs import BaseOutput
 from ..randomness import randn_tensor
+from ..registry import COMPVIS_FAMILIES, PIPELINES, loader
 from .checks import check_device, check_latents
 from .denoising import Predict, Sampling, decode_first_stage, make_step
 
@@ -58,6 +57,14 @@ class DiffusionPipeline:
     """
 
     draw_noise_every_step = False
+
+    def __init_subclass__(cls, compvis_family: str | None = None, **kwargs):
+        """Every pipeline joins the registry under its class name, which ``save_pretrained`` writes as
+        ``_class_name``; ``compvis_family`` names the original CompVis family it runs (``from_single_file``)."""
+        super().__init_subclass__(**kwargs)
+        PIPELINES.add(cls.__name__, cls)
+        if compvis_family is not None:
+            COMPVIS_FAMILIES.add(compvis_family, cls)
 
     def __init__(self, **components):
         for name, component in components.items():
@@ -194,26 +201,9 @@ class DiffusionPipeline:
 
         Components passed by keyword are used as they are instead of being loaded (to share them).
         """
-        folder, index = diffusers_layout.resolve_pipeline_folder(
-            name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        pipeline_cls = diffusers_layout.pipeline_class(index.get("_class_name"), folder)
-        if cls is not DiffusionPipeline and not issubclass(pipeline_cls, cls):
-            raise LDMKitError(f"{folder} holds a {pipeline_cls.__name__}, not a {cls.__name__}. "
-                              f"Load it with {pipeline_cls.__name__} or DiffusionPipeline.")
-        unknown = set(components) - set(pipeline_cls.component_names())
-        if unknown:
-            raise LDMKitError(f"{pipeline_cls.__name__} has no component(s) {sorted(unknown)}; "
-                              f"its components are {pipeline_cls.component_names()}.")
-        loaded = {}
-        for name in pipeline_cls.component_names():
-            if name in components:
-                loaded[name] = components[name]
-                continue
-            if name not in index:
-                raise LDMKitError(f"{folder}/model_index.json lists no {name!r}, which "
-                                  f"{pipeline_cls.__name__} needs. The folder is incomplete.")
-            loaded[name] = diffusers_layout.load_component(folder, name, index[name], torch_dtype, variant)
-        return pipeline_cls(**loaded)
+        return loader("from_pretrained")(cls, name_or_path, torch_dtype=torch_dtype, revision=revision,
+                                         cache_dir=cache_dir, local_files_only=local_files_only, variant=variant,
+                                         components=components)
 
     @classmethod
     def from_single_file(
@@ -233,22 +223,9 @@ class DiffusionPipeline:
         weights. ``tokenizer`` (text-to-image only): BERT's vocabulary (an LDMTokenizer or a folder); None
         fetches bert-base-uncased's, as the original. The scheduler is the original DDIM sampler.
         """
-        from ..loading.compvis import load_compvis_pipeline
-
-        pipe = load_compvis_pipeline(path, config, use_ema=use_ema, torch_dtype=torch_dtype, tokenizer=tokenizer)
-        if cls is not DiffusionPipeline and not isinstance(pipe, cls):
-            raise LDMKitError(f"{path} with this config is a {type(pipe).__name__}, not a {cls.__name__}. "
-                              f"Load it with {type(pipe).__name__} or DiffusionPipeline.")
-        pipe.draw_noise_every_step = True  # the original samplers' noise stream, so seeds reproduce theirs
-        return pipe
+        return loader("from_single_file")(cls, path, config=config, use_ema=use_ema, torch_dtype=torch_dtype,
+                                          tokenizer=tokenizer)
 
     def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
         """Write the pipeline in the diffusers layout (diffusers' from_pretrained reads it)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, component in self.components.items():
-            if isinstance(component, torch.nn.Module):
-                component.save_pretrained(folder / name, safe_serialization=safe_serialization)
-            else:
-                component.save_pretrained(folder / name)
-        diffusers_layout.write_model_index(folder, type(self).__name__, self.components)
+        loader("save_pretrained")(self, folder, safe_serialization=safe_serialization)

@@ -24,6 +24,7 @@ from ..configuration import DIFFUSERS_LAYOUT_VERSION, ConfigMixin, FrozenDict
 from ..errors import LDMKitError
 from ..loading.hub import resolve_folder
 from ..randomness import randn_tensor as randn  # noqa: F401  (the one noise-drawing function; used by the steps)
+from ..registry import COMPONENTS
 
 logger = logging.getLogger("ldmkit")
 
@@ -285,6 +286,7 @@ class SchedulerMixin(ConfigMixin):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:  # concrete schedulers, not the shared mixins
             _REGISTRY[cls.__name__] = cls
+            COMPONENTS.add(("diffusers", cls.__name__), cls)  # model_index.json names them as diffusers does
 
     # -- noise schedule ---------------------------------------------------------------------------------
 

@@ -1,9 +1,12 @@
-"""Original CompVis latent-diffusion checkpoints (a Lightning ``.ckpt`` plus its OmegaConf YAML) as pipelines.
+"""The YAML of an original CompVis latent-diffusion checkpoint (a Lightning ``.ckpt`` plus its OmegaConf
+YAML), read as data: which family it is and the diffusers configs of its parts (:class:`CompVisSpec`).
 
 The YAML is read with ``yaml.safe_load``; no ``target:`` is imported or run. Its ``LatentDiffusion`` section
-is mapped onto ldmkit's models, and the checkpoint's keys are renamed by the explicit tables of
-``compvis_unet`` (UNet), ``compvis_first_stage`` (autoencoder) and ``compvis_text`` (BERT, class embedder).
-Five families are recognised by their conditioning (the published configs they come from):
+is mapped onto ldmkit's models by name (classes are looked up by the assembly, ``ldmkit.assembly.single_file``,
+which also renames the checkpoint's keys with the explicit tables of ``compvis_unet`` (UNet),
+``compvis_first_stage`` (autoencoder) and ``compvis_text`` (BERT, class embedder)). Five families are
+recognised by their conditioning (the published configs they come from); each pipeline names its family
+(``compvis_family=`` on its class, see ``ldmkit.registry``):
 
 ===================  ===============================  ===============================================
 family               conditioning                     pipeline
@@ -22,31 +25,18 @@ The sampler is the original DDIM: :meth:`DDIMScheduler.compvis` with the YAML's 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import LDMKitError
-from .compvis_checkpoint import read_checkpoint, split_checkpoint
-from .compvis_first_stage import diffusers_first_stage_config, first_stage_rules
-from .compvis_keys import KeyTable, Rule
-from .compvis_text import (
-    BERT_TARGET,
-    CLASS_TARGET,
-    bert_rules,
-    class_embedder_config,
-    class_embedder_rules,
-    ldmbert_config,
-)
-from .compvis_unet import AdmUNet, diffusers_unet_config, parse_unet, unet_rules
+from .compvis_first_stage import diffusers_first_stage_config
+from .compvis_text import BERT_TARGET, CLASS_TARGET
+from .compvis_unet import AdmUNet, diffusers_unet_config, parse_unet
 
 LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
-PIPELINES = {"text-to-image": "LDMTextToImagePipeline", "super-resolution": "LDMSuperResolutionPipeline",
-             "unconditional": "LDMPipeline", "class-conditional": "LDMClassConditionalPipeline",
-             "inpainting": "LDMInpaintPipeline"}
+# The families parse_config recognises; each must have exactly one pipeline in registry.COMPVIS_FAMILIES.
+FAMILIES = ("text-to-image", "super-resolution", "unconditional", "class-conditional", "inpainting")
 _PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample"}
 BERT_VOCAB_REPO = "bert-base-uncased"  # BERTTokenizer's vocabulary, not part of the checkpoint
 
@@ -164,67 +154,3 @@ def _family(cond, key, unet: AdmUNet, latent: int) -> str:
 def _require(ok: bool, what: str) -> None:
     if not ok:
         raise LDMKitError(f"The config describes {what}, which ldmkit does not support.")
-
-
-# ----------------------------------------------------------------------------------------- building
-def _build(cls, config: dict, rules: list[Rule], component: str, prefix: str, state: dict, torch_dtype):
-    with torch.device("meta"):
-        expected = cls.from_config(config).state_dict()
-    converted = KeyTable(component, prefix, rules).convert(state, expected)
-    return cls.from_state_dict(config, converted, torch_dtype=torch_dtype, source=f"the checkpoint's {component}")
-
-
-def _tokenizer(tokenizer, max_length: int, vocab_size: int):
-    from ..tokenizer import LDMTokenizer
-    from .hub import resolve_folder
-
-    if tokenizer is None:
-        patterns = ["vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"]
-        try:
-            folder = resolve_folder(BERT_VOCAB_REPO, allow_patterns=patterns)
-        except LDMKitError as e:
-            raise LDMKitError("The text-to-image model tokenizes with BERT's vocabulary (bert-base-uncased), "
-                              f"which is not in the checkpoint and could not be fetched ({e}). Pass "
-                              "tokenizer=<folder with vocab.txt> (or --tokenizer DIR).") from None
-        tokenizer = folder
-    if not isinstance(tokenizer, LDMTokenizer):
-        tokenizer = LDMTokenizer.from_pretrained(tokenizer, model_max_length=max_length)
-    if tokenizer.vocab_size > vocab_size:
-        raise LDMKitError(f"The tokenizer has {tokenizer.vocab_size} tokens but the text encoder only "
-                          f"{vocab_size} embeddings: it is not this model's tokenizer.")
-    return tokenizer
-
-
-def load_compvis_pipeline(checkpoint: str | os.PathLike | Mapping, config, use_ema: bool | None = None,
-                          torch_dtype=None, tokenizer=None):
-    """Build the pipeline of an original CompVis checkpoint (see the module docstring for the families).
-
-    ``use_ema``: None uses the EMA weights when the YAML enables EMA (its default) and the file has them, as
-    the original sampling scripts do; True requires them; False uses the live weights.
-    ``tokenizer`` (text-to-image only): an LDMTokenizer or a folder / Hub id with BERT's ``vocab.txt``;
-    None fetches bert-base-uncased's vocabulary, as the original BERTTokenizer does.
-    """
-    from .. import models, pipelines
-    from ..schedulers import DDIMScheduler
-
-    spec = parse_config(read_config(config))
-    parts, scale_factor, _ = split_checkpoint(read_checkpoint(checkpoint), spec, use_ema)
-    fs_config = {**spec.first_stage_config, "scaling_factor": scale_factor}
-    vqvae = _build(getattr(models, spec.first_stage_class), fs_config,
-                   first_stage_rules(fs_config, vq=spec.first_stage_class == "VQModel"), "first stage",
-                   "first_stage_model.", parts["first_stage"], torch_dtype)
-    unet = _build(getattr(models, spec.unet_class), spec.unet_config, unet_rules(spec.unet), "UNet",
-                  "model.diffusion_model.", parts["unet"], torch_dtype)
-    scheduler = DDIMScheduler.compvis(beta_schedule="scaled_linear", **spec.scheduler_config)
-    components = {"vqvae": vqvae, "unet": unet, "scheduler": scheduler}
-    if spec.family == "text-to-image":
-        bert_config = ldmbert_config(spec.cond_stage)
-        components["bert"] = _build(models.LDMBertModel, bert_config, bert_rules(bert_config), "text encoder",
-                                    "cond_stage_model.", parts["cond_stage"], torch_dtype)
-        components["tokenizer"] = _tokenizer(tokenizer, bert_config["max_position_embeddings"],
-                                             bert_config["vocab_size"])
-    elif spec.family == "class-conditional":
-        components["class_embedder"] = _build(models.ClassEmbedder, class_embedder_config(spec.cond_stage),
-                                              class_embedder_rules(), "class embedder", "cond_stage_model.",
-                                              parts["cond_stage"], torch_dtype)
-    return getattr(pipelines, PIPELINES[spec.family])(**components)
