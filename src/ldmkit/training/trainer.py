@@ -369,8 +369,8 @@ def _save(state: TrainState) -> None:
 def _restore(state: TrainState, path: Path) -> None:
     """Load the checkpoint at ``path`` into ``state`` (weights, optimizers, EMA, scaler, RNG, step)."""
     run, cfg = state.run, state.cfg
-    names = ["models", "optimizers"] + (["ema"] if state.ema is not None else []) + (["scaler"] if state.scaler
-                                                                                       else [])
+    names = ["models", "optimizers"] + (["ema"] if state.ema is not None else [])
+    names += ["scaler"] if state.scaler is not None else []
     payload, meta, rng = checkpoints.load_checkpoint(path, names, run.rank)
     _load_models(state.task, payload["models"], path)
     for slot in state.slots:
