@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from ldmkit import AutoencoderKL, VQModel
+from ldmkit.datasets.toy import make_toy_dataset
 from ldmkit.training import build_recipe, train_autoencoder, train_ldm
-from ldmkit.training.toy_data import make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "training.json"
@@ -177,7 +177,7 @@ def _cpu_name() -> str:
 
 
 def _bf16_native() -> bool:
-    from ldmkit.training.trainer import cpu_supports_bf16
+    from ldmkit.training.run import cpu_supports_bf16
 
     return cpu_supports_bf16()
 

@@ -13,9 +13,11 @@ import torch
 
 from ldmkit import DiffusionPipeline
 from ldmkit.cli import main, read_png_metadata
+from ldmkit.datasets import emoji as ed
 from ldmkit.errors import LDMKitError
 from ldmkit.loading.bundled import BUNDLED, DEFAULT_SUPERRES, DEFAULT_TEXT2IMG, bundled_folder
 from ldmkit.loading.hub import looks_like_hub_id
+from ldmkit.training.metrics import retrieval_ranks
 
 # A caption of the training set that the model draws recognisably (checked against all 3,789 emoji).
 RETRIEVAL_PROMPT = "red apple"
@@ -115,8 +117,6 @@ def test_diffusers_loads_the_bundled_superres_folder_and_agrees(superres):
 @pytest.fixture(scope="module")
 def emoji_gallery(tmp_path_factory):
     """Every emoji at 32x32 (the training data's size), rendered by ``ldmkit data emoji``."""
-    from ldmkit.training import emoji_data as ed
-
     for module in ("emoji", "fontTools"):
         pytest.importorskip(module, reason=f"{module} is missing: pip install 'ldmkit[data]'")
     try:
@@ -137,8 +137,6 @@ def emoji_gallery(tmp_path_factory):
 
 
 def test_a_fixed_prompt_lands_nearest_its_own_emoji(text2img, emoji_gallery):
-    from ldmkit.training.metrics import retrieval_ranks
-
     captions, gallery = emoji_gallery
     assert len(captions) > 3000
     image = text2img([RETRIEVAL_PROMPT], num_inference_steps=50, guidance_scale=3.0,
@@ -149,8 +147,6 @@ def test_a_fixed_prompt_lands_nearest_its_own_emoji(text2img, emoji_gallery):
 
 
 def test_retrieval_ranks_count_strictly_nearer_images():
-    from ldmkit.training.metrics import retrieval_ranks
-
     gallery = torch.stack([torch.full((3, 2, 2), v) for v in (0.0, 0.5, 1.0, 0.5)])
     generated = torch.full((2, 3, 2, 2), 0.45)
     ranks = retrieval_ranks(generated, gallery, torch.tensor([1, 2]))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
+from ldmkit import DiffusionPipeline
 from ldmkit.cli import main, read_png_metadata
 
 
@@ -88,3 +92,20 @@ def test_help_has_examples(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_quiet_silences_only_the_pipelines_it_loads(capsys, tiny_text2img_dir, tmp_path):
+    argv = ["txt2img", "a red square", "--model", tiny_text2img_dir, "--steps", "2", "--seed", "0", "-o", tmp_path]
+    code, _, err = run(capsys, *argv, "--quiet")
+    assert code == 0 and not any("2/2" in line for line in err)
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and any("2/2" in line for line in err)  # the CLI's own progress bar, without --quiet
+    pipe = DiffusionPipeline.from_pretrained(tiny_text2img_dir)  # no global was left set by --quiet
+    pipe("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert "2/2" in capsys.readouterr().err
+
+
+def test_train_without_the_extra_names_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # find_spec reports a module set to None as missing
+    code, _, err = run(capsys, "train", "ldm", "--config", tmp_path / "r.yaml")
+    assert code == 2 and len(err) == 1 and "pip install 'ldmkit[train]'" in err[0]

@@ -11,8 +11,9 @@ import json
 
 import pytest
 
+from ldmkit.cli.data import add_data_parser
+from ldmkit.datasets import emoji as ed
 from ldmkit.errors import LDMKitError
-from ldmkit.training import emoji_data as ed
 
 SIZE = 32
 WANTED = ("red apple", "grinning face with big eyes", "woman juggling medium skin tone", "flag united states",
@@ -141,7 +142,7 @@ def test_same_input_same_dataset(built, tmp_path):
 def test_cli_limit_and_force(tmp_path, capsys):
     _font_or_skip()
     parser = argparse.ArgumentParser()
-    ed.add_data_parser(parser.add_subparsers(dest="command"))
+    add_data_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "ds"
     argv = ["data", "emoji", "--size", "16", "--out", str(out), "--limit", "8", "--test-fraction", "0"]
     args = parser.parse_args(argv)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ldmkit import AutoencoderKL, DiffusionPipeline
+from ldmkit.datasets.toy import make_toy_dataset
 from ldmkit.training import build_recipe, train_autoencoder, train_ldm
-from ldmkit.training.toy_data import make_toy_dataset
 from training_utils import metrics
 
 FAST = {"progress_bar": False, "log_every": 10, "checkpoint_every": 1000, "sample_every": 0, "eval_every": 0}

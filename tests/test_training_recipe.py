@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ldmkit import LDMKitError
-from ldmkit.training.cli import add_train_parser, main, run_train
+from ldmkit.cli import main
+from ldmkit.cli.train import add_train_parser, run_train
 from ldmkit.training.recipe import (
     AutoencoderRecipe,
     LDMRecipe,

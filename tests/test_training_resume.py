@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _cli(config, output_dir, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as this process
-    return [sys.executable, "-m", "ldmkit.training.cli", "train", "ldm", "--config", str(config),
+    return [sys.executable, "-m", "ldmkit", "train", "ldm", "--config", str(config),
             "--output-dir", str(output_dir), *extra], env
 
 

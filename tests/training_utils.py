@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ldmkit import AutoencoderKL, VQModel
+from ldmkit.datasets.toy import make_toy_dataset
 from ldmkit.training.recipe import build_recipe
-from ldmkit.training.toy_data import make_toy_dataset
 
 TRAIN_FAST = {"progress_bar": False, "log_every": 1, "checkpoint_every": 1000, "sample_every": 0,
               "eval_every": 0}

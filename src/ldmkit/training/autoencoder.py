@@ -13,11 +13,13 @@ from torch import nn
 from ..errors import LDMKitError
 from ..models import AutoencoderKL, VQModel
 from ..models.discriminator import NLayerDiscriminator
+from ..pipelines import DiffusionPipeline
 from . import losses
 from .data import ImageDataset, collate, scan_folder, split_holdout
 from .recipe import AutoencoderRecipe
+from .run import Run, Task
 from .step_random import StepRandom
-from .trainer import Run, Task
+from .trainer import train
 
 logger = logging.getLogger("ldmkit.training")
 
@@ -288,12 +290,10 @@ class AutoencoderTask(Task):
         return {"psnr_heldout": torch.cat(scores).mean().item()}
 
     def samples(self, step: int):
-        from ..pipelines.pipeline_utils import numpy_to_pil
-
         images = next(iter(self._eval_batches()))[:8]
         recon = self._reconstruct(images)
         pairs = torch.cat([images, recon.float().clamp(-1, 1)])
-        pil = numpy_to_pil((pairs.float().cpu().permute(0, 2, 3, 1).numpy() + 1) / 2)
+        pil = DiffusionPipeline.numpy_to_pil((pairs.float().cpu().permute(0, 2, 3, 1).numpy() + 1) / 2)
         return pil, len(images)  # originals on top, reconstructions below
 
     # ------------------------------------------------------------------------------------------ export
@@ -324,6 +324,4 @@ class AutoencoderTask(Task):
 
 
 def train_autoencoder(recipe: AutoencoderRecipe, resume: str | None = None) -> Path:
-    from .trainer import train
-
     return train(AutoencoderTask(recipe), recipe, resume)

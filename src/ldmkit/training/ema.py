@@ -7,6 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
+from ..errors import LDMKitError
+
 
 class EMA:
     """``theta_ema <- d theta_ema + (1 - d) theta`` after every optimizer step.
@@ -61,7 +63,10 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.shadow) - set(state["shadow"])
         if missing:
-            raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
+            # A checkpoint of another model (the live weights are checked first, so this is a rare mismatch).
+            raise LDMKitError(f"The checkpoint's EMA weights lack {len(missing)} tensor(s) of this model, e.g. "
+                              f"{sorted(missing)[:3]}: it comes from a different recipe. Resume with the recipe "
+                              "the run started with (saved in its recipe.yaml), or start a new output_dir.")
         self.num_updates = int(state["num_updates"])
         for name in self.shadow:
             self.shadow[name].copy_(state["shadow"][name])

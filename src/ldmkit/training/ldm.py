@@ -13,6 +13,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from ..configuration import read_json
 from ..errors import LDMKitError
 from ..models import AutoencoderKL, LDMBertModel, UNet2DConditionModel, UNet2DModel, VQModel
 from ..pipelines import LDMPipeline, LDMSuperResolutionPipeline, LDMTextToImagePipeline
@@ -23,8 +24,9 @@ from .data import ImageDataset, crop_and_flip, load_rgb, scan_folder
 from .degradations import degrade
 from .latent_cache import CachedLatentDataset, build_cache
 from .recipe import DiffusionConfig, LDMRecipe
+from .run import Run, Task
 from .step_random import StepRandom
-from .trainer import Run, Task
+from .trainer import train
 
 logger = logging.getLogger("ldmkit.training")
 
@@ -50,8 +52,6 @@ def sampling_scheduler(cfg: DiffusionConfig) -> DDIMScheduler:
 
 
 def load_autoencoder(path: str) -> AutoencoderKL | VQModel:
-    from ..configuration import read_json
-
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         hint = " (the 'final' folder of an autoencoder run)" if not (folder / "model_index.json").is_file() else (
@@ -309,6 +309,4 @@ class LDMTask(Task):
 
 
 def train_ldm(recipe: LDMRecipe, resume: str | None = None) -> Path:
-    from .trainer import train
-
     return train(LDMTask(recipe), recipe, resume)

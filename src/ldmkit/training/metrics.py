@@ -15,6 +15,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import torch
 
+from ..errors import LDMKitError
 from ..io import atomic_write_bytes, atomic_write_text
 
 
@@ -105,8 +106,8 @@ def retrieval_ranks(generated: torch.Tensor, gallery: torch.Tensor, targets: tor
     The rank counts gallery images strictly nearer than the target, plus one, so a tie never helps.
     """
     if generated.shape[1:] != gallery.shape[1:]:
-        raise ValueError(f"generated images {tuple(generated.shape[1:])} and gallery {tuple(gallery.shape[1:])} "
-                         "differ in size; resize one to the other first.")
+        raise LDMKitError(f"generated images {tuple(generated.shape[1:])} and gallery {tuple(gallery.shape[1:])} "
+                          "differ in size; resize one to the other first.")
     distances = torch.cdist(generated.flatten(1).double(), gallery.flatten(1).double())  # (N, M)
     own = distances.gather(1, targets[:, None].long())
     return (distances < own).sum(1) + 1

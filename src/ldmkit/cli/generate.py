@@ -1,15 +1,23 @@
-"""The ``ldmkit`` command line: txt2img, upscale, sample, info (and train, data, convert)."""
+"""``ldmkit txt2img``, ``upscale``, ``sample`` and ``info``: load a pipeline, run it, write PNGs with metadata."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
-import sys
 from pathlib import Path
 
-from .loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
+import torch
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
+
+from .. import __version__, schedulers
+from ..errors import LDMKitError
+from ..io import atomic_path
+from ..loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
+from ..loading.diffusers_layout import resolve_pipeline_folder
+from ..pipelines import DiffusionPipeline
 
 EXAMPLES = """examples:
   ldmkit txt2img "red apple"                                # the bundled emoji model, offline
@@ -38,15 +46,13 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-
-class UserError(Exception):
-    """A mistake on the command line: reported as one line on stderr, exit status 2."""
+# txt2img --from-png: the options an ldmkit PNG's metadata restores.
+FROM_PNG_KEYS = ("model", "prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler", "height",
+                 "width", "upscale", "upscale_model", "upscale_steps")
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def pick_device(name: str):
-    import torch
-
+def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -54,39 +60,37 @@ def pick_device(name: str):
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
+        raise LDMKitError("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps, but MPS is not available here; use --device cpu (or auto).")
+        raise LDMKitError("--device mps, but MPS is not available here; use --device cpu (or auto).")
     return torch.device(name)
 
 
-def pick_dtype(name: str, device):
-    import torch
-
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":  # fp32 on the CPU (exact); half precision where the hardware is made for it
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def load_pipeline(model: str, device: str, dtype: str):
-    from . import DiffusionPipeline
-
+def load_pipeline(model: str | None, device: str, dtype: str, quiet: bool = False) -> DiffusionPipeline:
+    """The pipeline on the chosen device and dtype; ``quiet`` turns off its progress bar (this pipeline's
+    only: the CLI sets no global)."""
     dev = pick_device(device)
     pipe = DiffusionPipeline.from_pretrained(resolve_model(model))
+    if quiet:
+        pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev, pick_dtype(dtype, dev))
 
 
 def resolve_model(model: str | None) -> str:
     if model is None:
-        raise UserError("no --model given (a pipeline folder, a Hub id or a bundled ldmkit:NAME).")
+        raise LDMKitError("no --model given (a pipeline folder, a Hub id or a bundled ldmkit:NAME).")
     return model
 
 
-def set_scheduler(pipe, name: str | None):
+def set_scheduler(pipe: DiffusionPipeline, name: str | None) -> None:
     if name is None:
         return
-    from . import schedulers
-
     class_name, overrides = SCHEDULERS[name]
     pipe.scheduler = getattr(schedulers, class_name).from_config(pipe.scheduler.config, **overrides)
 
@@ -107,10 +111,6 @@ def free_path(folder: Path, stem: str, force: bool) -> Path:
 
 def save_png(image, path: Path, metadata: dict) -> Path:
     """Write a PNG atomically, with ``metadata`` as JSON in a text chunk named "ldmkit"."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from .io import atomic_path
-
     info = PngInfo()
     info.add_text("ldmkit", json.dumps(metadata, sort_keys=True))
     with atomic_path(path) as tmp:
@@ -119,21 +119,17 @@ def save_png(image, path: Path, metadata: dict) -> Path:
 
 
 def read_png_metadata(path: str) -> dict:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             text = im.text.get("ldmkit")  # type: ignore[attr-defined]
     except (OSError, AttributeError) as e:
-        raise UserError(f"cannot read {path} as a PNG ({e}).") from None
+        raise LDMKitError(f"cannot read {path} as a PNG ({e}).") from None
     if not text:
-        raise UserError(f"{path} has no ldmkit metadata (was it made by `ldmkit txt2img`?).")
+        raise LDMKitError(f"{path} has no ldmkit metadata (was it made by `ldmkit txt2img`?).")
     return json.loads(text)
 
 
 def grid(images, cols: int | None = None):
-    from PIL import Image
-
     cols = cols or min(len(images), 4)
     rows = (len(images) + cols - 1) // cols
     w, h = images[0].size
@@ -143,33 +139,36 @@ def grid(images, cols: int | None = None):
     return sheet
 
 
+def seeds_from(args) -> list[int]:
+    """--seed, --seed + 1, ... (one per image); a random first seed when --seed is not given."""
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    return [seed + i for i in range(args.n)]
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
 # ------------------------------------------------------------------------------------------- commands
 def cmd_txt2img(args) -> int:
-    import torch
-
-    from . import __version__
-
     if args.from_png:
         meta = read_png_metadata(args.from_png)
-        for key in ("model", "prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler",
-                    "height", "width", "upscale", "upscale_model", "upscale_steps"):
+        for key in FROM_PNG_KEYS:
             if key in meta:
                 setattr(args, key, meta[key])
         args.n = 1
     if not args.prompt:
-        raise UserError("give a prompt, e.g. ldmkit txt2img \"a red apple\" (or --from-png FILE).")
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+        raise LDMKitError("give a prompt, e.g. ldmkit txt2img \"a red apple\" (or --from-png FILE).")
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
     set_scheduler(pipe, args.scheduler)
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    seeds = [seed + i for i in range(args.n)]
+    seeds = seeds_from(args)
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width,
-                  num_images_per_prompt=args.n, generator=[torch.Generator().manual_seed(s) for s in seeds])
+                  num_images_per_prompt=args.n, generator=generators(seeds))
     images = result.images
     if args.upscale:
-        sr = load_pipeline(args.upscale_model, args.device, args.dtype)
-        images = sr(images, num_inference_steps=args.upscale_steps,
-                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        sr = load_pipeline(args.upscale_model, args.device, args.dtype, args.quiet)
+        images = sr(images, num_inference_steps=args.upscale_steps, generator=generators(seeds)).images
     out = Path(args.output)
     paths = []
     for s, image in zip(seeds, images):
@@ -189,12 +188,7 @@ def cmd_txt2img(args) -> int:
 
 
 def cmd_upscale(args) -> int:
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from . import __version__
-
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
     set_scheduler(pipe, args.scheduler)
     out = Path(args.output)
     for name in args.images:
@@ -202,9 +196,9 @@ def cmd_upscale(args) -> int:
             with Image.open(name) as im:
                 image = im.copy()
         except FileNotFoundError:
-            raise UserError(f"{name} does not exist.") from None
+            raise LDMKitError(f"{name} does not exist.") from None
         except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"{name} is not a readable image ({e}).") from None
+            raise LDMKitError(f"{name} is not a readable image ({e}).") from None
         big = pipe(image, num_inference_steps=args.steps, eta=args.eta,
                    generator=torch.Generator().manual_seed(args.seed), tiling=None if not args.no_tiling else False,
                    ).images[0]
@@ -215,16 +209,11 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from . import __version__
-
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
     set_scheduler(pipe, args.scheduler)
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    seeds = [seed + i for i in range(args.n)]
+    seeds = seeds_from(args)
     images = pipe(batch_size=args.n, num_inference_steps=args.steps, eta=args.eta,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+                  generator=generators(seeds)).images
     for s, image in zip(seeds, images):
         meta = {"model": args.model, "seed": s, "steps": args.steps, "eta": args.eta, "scheduler": args.scheduler,
                 "ldmkit_version": __version__}
@@ -233,11 +222,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-
-    from . import DiffusionPipeline
-    from .loading.diffusers_layout import resolve_pipeline_folder
-
     folder, _ = resolve_pipeline_folder(resolve_model(args.model))
     pipe = DiffusionPipeline.from_pretrained(folder)
     print(f"{type(pipe).__name__}  ({args.model}: {folder})")
@@ -256,8 +240,6 @@ def cmd_info(args) -> int:
 
 def stored_weights(folder: Path) -> tuple[str, int]:
     """The dtypes and total size of a component's weight files (as stored; loading may convert)."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     dtypes = set()
     for f in files:
@@ -269,7 +251,7 @@ def stored_weights(folder: Path) -> tuple[str, int]:
     return "/".join(sorted(dtypes)) or "-", sum(f.stat().st_size for f in files)
 
 
-# ------------------------------------------------------------------------------------------- parser
+# ------------------------------------------------------------------------------------------- parsers
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -279,38 +261,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models: generate, upscale, "
-                                     "train, convert.", epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("txt2img", help="images from a text prompt", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?")
-    p.add_argument("--model", default=DEFAULT_TEXT2IMG,
-                   help=f"pipeline folder, Hub id or bundled name (default: {DEFAULT_TEXT2IMG})")
-    p.add_argument("--n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0,
-                   help="classifier-free guidance scale (default 3.0: best retrieval for the bundled model)")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--negative-prompt", dest="negative_prompt")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--upscale", action="store_true", help="then upscale 4x with --upscale-model")
-    p.add_argument("--upscale-model", dest="upscale_model", default=DEFAULT_SUPERRES,
-                   help=f"super-resolution pipeline for --upscale (default: {DEFAULT_SUPERRES})")
-    p.add_argument("--upscale-steps", dest="upscale_steps", type=int, default=50)
-    p.add_argument("--grid", action="store_true", help="also save a grid of all images")
-    p.add_argument("--from-png", dest="from_png", help="regenerate from the metadata of an ldmkit PNG")
-    _common(p)
-    p.set_defaults(func=cmd_txt2img)
-
+def add_generate_parsers(sub) -> None:
+    """Register ``txt2img``, ``upscale``, ``sample`` and ``info`` on an argparse sub-parser collection."""
+    _add_txt2img_parser(sub)
     p = sub.add_parser("upscale", help="4x super-resolution of image files")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=DEFAULT_SUPERRES,
@@ -336,51 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pipeline folder, Hub id or bundled name (default: {DEFAULT_TEXT2IMG})")
     p.set_defaults(func=cmd_info)
 
-    _add_optional_commands(sub)
-    return parser
 
-
-def _add_optional_commands(sub) -> None:
-    """Commands whose code lives beside what they drive (training, conversion)."""
-    try:
-        from .training.cli import add_train_parser
-    except ModuleNotFoundError as e:  # training extras (accelerate, pyyaml) not installed
-        if e.name not in ("accelerate", "yaml", "ldmkit.training", "ldmkit.training.cli"):
-            raise
-        p = sub.add_parser("train", help="train an autoencoder or an LDM (needs `pip install ldmkit[train]`)")
-        p.set_defaults(func=lambda args: _missing_extra("train"))
-    else:
-        add_train_parser(sub)
-    from .loading.convert_cli import add_convert_parser
-    from .training.emoji_data import add_data_parser
-
-    add_convert_parser(sub)
-    add_data_parser(sub)
-
-
-def _missing_extra(extra: str) -> int:
-    raise UserError(f"this command needs the optional dependencies: pip install 'ldmkit[{extra}]'.")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from .errors import LDMKitError
-
-    if getattr(args, "quiet", False):
-        from .pipelines import pipeline_utils
-
-        pipeline_utils.DEFAULT_PROGRESS = {"disable": True}
-    try:
-        return int(args.func(args) or 0)
-    except (UserError, LDMKitError) as e:
-        print(f"ldmkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ldmkit {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _add_txt2img_parser(sub) -> None:
+    p = sub.add_parser("txt2img", help="images from a text prompt", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--model", default=DEFAULT_TEXT2IMG,
+                   help=f"pipeline folder, Hub id or bundled name (default: {DEFAULT_TEXT2IMG})")
+    p.add_argument("--n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale (default 3.0: best retrieval for the bundled model)")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--upscale", action="store_true", help="then upscale 4x with --upscale-model")
+    p.add_argument("--upscale-model", dest="upscale_model", default=DEFAULT_SUPERRES,
+                   help=f"super-resolution pipeline for --upscale (default: {DEFAULT_SUPERRES})")
+    p.add_argument("--upscale-steps", dest="upscale_steps", type=int, default=50)
+    p.add_argument("--grid", action="store_true", help="also save a grid of all images")
+    p.add_argument("--from-png", dest="from_png", help="regenerate from the metadata of an ldmkit PNG")
+    _common(p)
+    p.set_defaults(func=cmd_txt2img)

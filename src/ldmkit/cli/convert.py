@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LDMKitError
+from ..pipelines import DiffusionPipeline
 
 
 def add_convert_parser(subparsers) -> None:
@@ -39,8 +40,6 @@ def add_convert_parser(subparsers) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     """Convert, writing to a temporary folder beside the output and renaming it at the end, so a failure
     leaves no half-written pipeline."""
-    from ..pipelines import DiffusionPipeline
-
     out = Path(args.output).expanduser()
     _check_output(out, args.force)
     source = Path(args.checkpoint).expanduser()

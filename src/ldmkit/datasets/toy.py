@@ -1,5 +1,5 @@
 """A generated toy dataset: solid-colour shapes on black with captions ("a red square"), for smoke tests,
-the end-to-end test and the toy recipes: ``python -m ldmkit.training.toy_data data/toy-shapes``."""
+the end-to-end test and the toy recipes: ``python -m ldmkit.datasets.toy data/toy-shapes``."""
 
 from __future__ import annotations
 

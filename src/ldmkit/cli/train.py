@@ -1,15 +1,18 @@
 """``ldmkit train autoencoder|ldm --config RECIPE.yaml [--resume latest|PATH] [--output-dir DIR] [KEY=VALUE ...]``.
 
-The main CLI registers this with :func:`add_train_parser`; ``python -m ldmkit.training.cli train ...`` runs
-it on its own (also under ``accelerate launch`` or ``torchrun``).
+Also what ``accelerate launch -m ldmkit train ...`` and ``torchrun -m ldmkit train ...`` run on every process.
+The training modules import accelerate and PyYAML only when a run starts, so this parser is always there and
+a missing extra is the one-line message of :func:`_check_extras`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import importlib.util
 
 from ..errors import LDMKitError
+from ..training.autoencoder import train_autoencoder
+from ..training.ldm import train_ldm
+from ..training.recipe import load_recipe
 
 KINDS = {
     "autoencoder": "Train the first stage: a KL or VQ autoencoder (optionally with a patch GAN).",
@@ -41,10 +44,6 @@ def add_train_parser(subparsers) -> None:
 def run_train(args) -> int:
     """Run the training that ``args`` (from the ``train`` parser) describes; returns the exit status."""
     _check_extras()
-    from .autoencoder import train_autoencoder
-    from .ldm import train_ldm
-    from .recipe import load_recipe
-
     kind = getattr(args, "train_kind", None)
     if kind not in KINDS:
         raise LDMKitError("Say what to train: `ldmkit train autoencoder --config ...` or `ldmkit train ldm ...`.")
@@ -56,26 +55,7 @@ def run_train(args) -> int:
 
 
 def _check_extras() -> None:
-    import importlib.util
-
     missing = [name for name in ("accelerate", "yaml") if importlib.util.find_spec(name) is None]
     if missing:
         raise LDMKitError(f"Training needs {' and '.join('PyYAML' if m == 'yaml' else m for m in missing)}: "
                           "pip install 'ldmkit[train]'.")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldmkit.training.cli")
-    sub = parser.add_subparsers(dest="command", metavar="train")
-    sub.required = True
-    add_train_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except LDMKitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The ``ldmkit`` command line (``ldmkit = "ldmkit.cli:main"``, ``python -m ldmkit``).
+
+One parser with one sub-command module each: ``generate`` (txt2img, upscale, sample, info), ``train``,
+``convert`` and ``data``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line on stderr and exit
+status 2; an interrupt is exit status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from ..errors import LDMKitError
+from .convert import add_convert_parser
+from .data import add_data_parser
+from .generate import EXAMPLES, add_generate_parsers, read_png_metadata
+from .train import add_train_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models: generate, upscale, "
+                                     "train, convert.", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate_parsers(sub)
+    add_train_parser(sub)
+    add_convert_parser(sub)
+    add_data_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LDMKitError as e:
+        print(f"ldmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldmkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["build_parser", "main", "read_png_metadata"]
