@@ -307,7 +307,7 @@ def test_superres_matches_diffusers_loop(tiny_superres_dir, kl_decoders, case):
     ref_latents = _sample(scheduler, latents, lambda x, t: theirs.unet(
         torch.cat([scheduler.scale_model_input(x, t), cond], dim=1), t).sample)
     ref = (theirs_kl.decode(ref_latents).sample.clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1).numpy()
-    got, got_latents = _ours_with_final_latents(ours, lowres, latents=latents, tiling=False)
+    got, got_latents = _ours_with_final_latents(ours, cond, latents=latents, tiling=False)  # tensors in [-1, 1]
     _assert_latents_close(got_latents, ref_latents)
     _assert_images_close(got, ref)
 

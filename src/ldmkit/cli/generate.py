@@ -18,6 +18,7 @@ from ..io import atomic_path
 from ..loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
 from ..loading.diffusers_layout import resolve_pipeline_folder
 from ..pipelines import DiffusionPipeline
+from ..utils import make_image_grid
 
 EXAMPLES = """examples:
   ldmkit txt2img "red apple"                                # the bundled emoji model, offline
@@ -129,16 +130,6 @@ def read_png_metadata(path: str) -> dict:
     return json.loads(text)
 
 
-def grid(images, cols: int | None = None):
-    cols = cols or min(len(images), 4)
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    return sheet
-
-
 def seeds_from(args) -> list[int]:
     """--seed, --seed + 1, ... (one per image); a random first seed when --seed is not given."""
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
@@ -180,7 +171,7 @@ def cmd_txt2img(args) -> int:
             meta.update(upscale_model=args.upscale_model, upscale_steps=args.upscale_steps)
         paths.append(save_png(image, free_path(out, f"{slug(args.prompt)}-{s}", args.force), meta))
     if args.grid and len(images) > 1:
-        paths.append(save_png(grid(images), free_path(out, f"{slug(args.prompt)}-grid", args.force),
+        paths.append(save_png(make_image_grid(images), free_path(out, f"{slug(args.prompt)}-grid", args.force),
                               {"prompt": args.prompt, "seeds": seeds, "model": args.model}))
     for p in paths:
         print(p)

@@ -84,15 +84,6 @@ def plot_loss_curve(records: list[dict], path: Path, key: str = "loss", width: i
     save_png(image, path)
 
 
-def image_grid(images: list[PIL.Image.Image], columns: int) -> PIL.Image.Image:
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = PIL.Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB").resize((w, h)), ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def save_png(image: PIL.Image.Image, path: Path) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -24,10 +24,11 @@ from torch import nn
 
 from ..errors import LDMKitError
 from ..io import atomic_write_text
+from ..utils import make_image_grid
 from . import checkpoints
 from .data import StepBatchSampler, make_loader
 from .ema import EMA
-from .metrics import MetricsLog, image_grid, plot_loss_curve, save_png
+from .metrics import MetricsLog, plot_loss_curve, save_png
 from .recipe import Recipe, TrainConfig, to_yaml
 from .run import Run, Task, start_run
 from .step_random import StepRandom, step_seed
@@ -307,7 +308,7 @@ def _sample(state: TrainState) -> None:
         with _ema_weights(state), torch.no_grad(), run.autocast():
             images, columns = state.task.samples(state.step)
         if images:
-            save_png(image_grid(images, columns), run.output_dir / "samples" / f"step-{state.step:08d}.png")
+            save_png(make_image_grid(images, cols=columns), run.output_dir / "samples" / f"step-{state.step:08d}.png")
     run.barrier()
 
 
