@@ -11,6 +11,7 @@ from torch import nn
 
 from ..configuration import ConfigMixin
 from ..errors import LDMKitError
+from ..io import atomic_path
 from ..loading.hub import resolve_folder
 from ..loading.weights import find_weights, load_state_dict, save_state_dict
 
@@ -121,7 +122,10 @@ class ModelMixin(nn.Module, ConfigMixin):
         if safe_serialization:
             save_state_dict(self.state_dict(), folder / f"{stem}.safetensors")
         else:
-            from ..io import atomic_path
+            save_pickled_state_dict(self.state_dict(), folder / f"{stem}.bin")
 
-            with atomic_path(folder / f"{stem}.bin") as tmp:
-                torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, tmp)
+
+def save_pickled_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict atomically as a torch pickle (``.bin``), its tensors on the CPU."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
