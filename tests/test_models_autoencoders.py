@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import perturb  # pytest puts tests/ (no __init__.py) on sys.path
 from ldmkit.errors import LDMKitError
 from ldmkit.models import AutoencoderKL, DiagonalGaussianDistribution, VQModel
 from ldmkit.models.resnet import Upsample2D
+from reference_models import save_diffusers
 
 TOL = 1e-5
 
@@ -22,16 +22,6 @@ TINY_KL = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chann
 TINY_VQ = dict(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(16, 32),
                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, num_vq_embeddings=32)
-
-
-def save_diffusers(cls_name: str, config: dict, folder, seed: int = 0):
-    import diffusers
-
-    torch.manual_seed(seed)
-    model = getattr(diffusers, cls_name)(**config).eval()
-    perturb(model, seed=seed + 1)  # random init leaves weights at 0 / 1: make parity meaningful
-    model.save_pretrained(folder)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -98,10 +98,15 @@ def test_super_resolution_concat(toy, vq_f4, tmp_path):
     ours, theirs = _image_pipelines(final)
     assert type(ours).__name__ == type(theirs).__name__ == "LDMSuperResolutionPipeline"
     assert ours.unet.config.in_channels == 3 + 3
-    low = torch.rand(1, 3, 4, 4)
-    out = ours(image=low, num_inference_steps=2, output_type="np").images
-    ref = theirs(image=low * 2 - 1, num_inference_steps=2, output_type="np").images  # diffusers wants [-1, 1]
+    low = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    # diffusers' SR pipeline takes no latents: it draws x_T first from its generator. Ours gets that x_T.
+    latents = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = ours(image=low, latents=latents, generator=torch.Generator().manual_seed(1), num_inference_steps=2,
+               output_type="np").images
+    ref = theirs(image=low * 2 - 1, generator=torch.Generator().manual_seed(1), num_inference_steps=2,
+                 output_type="np").images  # diffusers wants [-1, 1]
     assert out.shape == ref.shape == (1, 16, 16, 3)
+    assert np.abs(out - ref).max() <= 1e-4
 
 
 def test_unconditional_bf16_v_prediction_with_accumulation(toy, vq_f4, tmp_path):

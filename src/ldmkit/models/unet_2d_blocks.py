@@ -7,6 +7,8 @@ blocks without cross-attention ignore ``encoder_hidden_states``.
 
 The blocks differ only in what they are built of (their names, arguments and parameter names are
 diffusers'); one pass per kind runs them: :class:`_DownLevel`, :class:`_UpLevel` and :class:`_MidLevel`.
+:func:`build_down_blocks` / :func:`build_up_blocks` build the levels of a UNet, encoder or decoder from its
+config.
 """
 
 from __future__ import annotations
