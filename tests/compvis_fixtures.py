@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldmkit import DiffusionPipeline, LDMTokenizer
+
 FIXTURES = Path(os.environ.get("LDMKIT_COMPVIS_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "reference" / "compvis"))
 FAMILIES = ("txt2img", "superres", "uncond", "cin", "inpainting")
@@ -78,8 +80,6 @@ def write_vocab(folder: Path) -> Path:
 
 
 def tokenizer():
-    from ldmkit import LDMTokenizer
-
     return LDMTokenizer({token: i for i, token in enumerate(VOCAB)})
 
 
@@ -91,8 +91,6 @@ def prompts(token_ids: torch.Tensor) -> list[str]:
 @functools.cache
 def load(family: str, use_ema=None, kind: str = "ckpt"):
     """The pipeline of a fixture (cached: callers must not change its components)."""
-    from ldmkit import DiffusionPipeline
-
     pipe = DiffusionPipeline.from_single_file(checkpoint(family, kind), config=config(family), use_ema=use_ema,
                                               tokenizer=tokenizer() if family == "txt2img" else None)
     pipe.set_progress_bar_config(disable=True)

@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import ldmkit.models
 from ldmkit.errors import LDMKitError
 from ldmkit.models import AutoencoderKL, DiagonalGaussianDistribution, VQModel
 from ldmkit.models.resnet import Upsample2D
+from ldmkit.models.vae import VectorQuantizer
 from reference_models import save_diffusers
 
 TOL = 1e-5
@@ -238,8 +240,6 @@ def test_vq_unsupported_features_and_bad_inputs_raise(tiny_vq):
 def test_published_autoencoders_have_diffusers_keys_and_shapes(cls_name, config):
     import diffusers
 
-    import ldmkit.models
-
     with torch.device("meta"):
         theirs = getattr(diffusers, cls_name)(**config)
         ours = getattr(ldmkit.models, cls_name)(**config)
@@ -249,8 +249,6 @@ def test_published_autoencoders_have_diffusers_keys_and_shapes(cls_name, config)
 
 def test_quantizer_blocks_distances_without_changing_codes():
     """Large latents are quantized in blocks of rows (bounded memory) with the codes of one full argmin."""
-    from ldmkit.models.vae import VectorQuantizer
-
     quantizer = VectorQuantizer(64, 3)
     torch.nn.init.normal_(quantizer.embedding.weight, generator=torch.Generator().manual_seed(0))
     z = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(1)) * 2

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ldmkit.errors import LDMKitError
 from ldmkit.models import UNet2DConditionModel, UNet2DModel
-from ldmkit.models.resnet import Upsample2D
+from ldmkit.models.resnet import Upsample2D, upsample_conv_by_phases
 from reference_models import save_diffusers
 
 TOL = 1e-5
@@ -284,8 +284,6 @@ def assert_same_parameters(diffusers_cls, ldmkit_cls, config: dict) -> None:
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 4, 1, 1)])
 def test_upsample_conv_by_phases_equals_upsample_then_conv(shape):
     import torch.nn.functional as F
-
-    from ldmkit.models.resnet import upsample_conv_by_phases
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen, requires_grad=True)
