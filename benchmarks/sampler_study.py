@@ -5,8 +5,9 @@ Run by hand (about 3 minutes on 2 cores):
 Writes benchmarks/results/sampler_study.json and docs/sampler_study.png, and prints the tables of
 docs/sampler-study.md.
 
-The "network" is the exact noise prediction of a Gaussian mixture (gmm_denoiser.py) under the published LDM
-noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps). Every sampler starts from the same noise.
+The "network" is the exact noise prediction of a Gaussian mixture (``ldmkit.testing.gmm_denoiser``) under the
+published LDM noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps). Every sampler starts from the
+same noise; the samplers and the loop that runs them are ``ldmkit.testing.samplers``.
 
 * Deterministic samplers are measured against the exact probability-flow ODE solution from the same ``x_T``
   (an adaptive 8th-order solve down to the lowest trained noise level, then the x_0 prediction there, as
@@ -26,21 +27,16 @@ noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps). Every sampler s
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import ldmkit.schedulers as ls
-
-sys.path.insert(0, str(Path(__file__).parent))
-from gmm_denoiser import ExactEpsModel, GaussianMixture, probability_flow_reference  # noqa: E402
+from ldmkit.testing.gmm_denoiser import ExactEpsModel, GaussianMixture, probability_flow_reference
+from ldmkit.testing.samplers import LDM_BETAS, SAMPLERS, path_errors, run_sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "sampler_study.json"
@@ -49,75 +45,9 @@ STEPS = (5, 10, 20, 50, 100)
 # 1000 linspace steps repeat timestep 500 in DPM-Solver and UniPC (as in diffusers): a zero-length step
 # divides by zero (NaN). 999 steps cover every training step once.
 REFERENCE_STEPS = 999
-LDM_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """A row of the study: ``build()`` makes a fresh scheduler; ``stochastic`` ones draw noise in ``step``."""
-
-    name: str
-    build: Callable[[], ls.SchedulerMixin]
-    stochastic: bool
-    note: str
-
-
-SAMPLERS = [
-    Sampler("DDIM", lambda: ls.DDIMScheduler(**LDM_BETAS, clip_sample=False, set_alpha_to_one=True,
-                                            timestep_spacing="trailing"),
-            False, "eta 0, trailing spacing, last step to x_0"),
-    Sampler("DDIM (CompVis)", ls.DDIMScheduler.compvis, False,
-            "the published LDM config: leading spacing + 1, last step to alphas_cumprod[0]"),
-    Sampler("PLMS", lambda: ls.PNDMScheduler(**LDM_BETAS, skip_prk_steps=True, steps_offset=1),
-            False, "PNDM with skip_prk_steps (the CompVis PLMS sampler), leading spacing + 1"),
-    Sampler("LMS", lambda: ls.LMSDiscreteScheduler(**LDM_BETAS), False, "order 4, linspace"),
-    Sampler("Euler", lambda: ls.EulerDiscreteScheduler(**LDM_BETAS), False, "linspace"),
-    Sampler("Heun", lambda: ls.HeunDiscreteScheduler(**LDM_BETAS), False, "2 evaluations per step, linspace"),
-    Sampler("DPM-Solver++ 2M", lambda: ls.DPMSolverMultistepScheduler(**LDM_BETAS), False, "linspace"),
-    Sampler("DPM-Solver++ 2M Karras", lambda: ls.DPMSolverMultistepScheduler(**LDM_BETAS, use_karras_sigmas=True),
-            False, "Karras sigmas (rho 7)"),
-    Sampler("DPM-Solver++ 2M leading", lambda: ls.DPMSolverMultistepScheduler(
-        **LDM_BETAS, timestep_spacing="leading", steps_offset=1),
-            False, "the spacing inherited from a DDIM config that states leading"),
-    Sampler("DPM-Solver++ 2S", lambda: ls.DPMSolverSinglestepScheduler(**LDM_BETAS), False, "singlestep, order 2"),
-    Sampler("UniPC", lambda: ls.UniPCMultistepScheduler(**LDM_BETAS), False, "bh2, order 2, linspace"),
-    Sampler("UniPC Karras", lambda: ls.UniPCMultistepScheduler(**LDM_BETAS, use_karras_sigmas=True), False,
-            "bh2, order 2, Karras sigmas"),
-    Sampler("Euler ancestral", lambda: ls.EulerAncestralDiscreteScheduler(**LDM_BETAS), True, "linspace"),
-    Sampler("DPM-Solver++ 2M SDE", lambda: ls.DPMSolverMultistepScheduler(
-        **LDM_BETAS, algorithm_type="sde-dpmsolver++"), True, "linspace"),
-    Sampler("DPM-Solver++ 2M SDE Karras", lambda: ls.DPMSolverMultistepScheduler(
-        **LDM_BETAS, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), True, "Karras sigmas"),
-]
-
-
-def run_sampler(scheduler, model: ExactEpsModel, noise: torch.Tensor, steps: int,
-                seed: int = 0) -> tuple[torch.Tensor, int]:
-    """The pipelines' loop: scale the noise by ``init_noise_sigma``, then ``scale_model_input``, model,
-    ``step`` (with a generator for the samplers that draw noise). Returns the sample and the NFE."""
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    extra = {"generator": torch.Generator().manual_seed(seed)} if "generator" in inspect.signature(
-        scheduler.step).parameters else {}
-    calls = model.calls
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **extra).prev_sample
-    return x, model.calls - calls
 
 
 # ------------------------------------------------------------------------------------------------ measures
-
-
-def path_errors(gmm: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Per-sample RMS error against the exact ODE solution: its median (the typical image) and its RMS over
-    samples, and the fraction of samples that end in another mixture component than the exact solution (a
-    different "composition"). A few samples sit on the boundary between two components' basins and flip
-    for any perturbation; each adds ~1 per dimension, so the RMS over samples measures those flips more than
-    the accuracy of the rest, and the median is the headline number."""
-    per_sample = (x - ref).pow(2).mean(1).sqrt()
-    flips = gmm.responsibilities(x).argmax(1) != gmm.responsibilities(ref).argmax(1)
-    return {"median_err": per_sample.median().item(), "rmse": per_sample.pow(2).mean().sqrt().item(),
-            "flip_rate": flips.double().mean().item()}
 
 
 def random_directions(dim: int, count: int = 256, seed: int = 0) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from compvis_fixtures import (
+    assert_rel,
     checkpoint,
     config,
     load,
@@ -141,7 +142,9 @@ def test_missing_ema_copy_and_wrong_shape_are_named():
     del state["model_ema.diffusion_modelout2weight"]
     with pytest.raises(LDMKitError, match=r"out\.2\.weight"):
         _load("uncond", state)
-    assert _load("uncond", state, use_ema=False) is not None  # the live weights are complete
+    # The live weights are complete: they load, and are the live weights of the recorded runs.
+    live = _first_call(_load("uncond", state, use_ema=False), "uncond")
+    assert_rel(live, reference("uncond")["live_weights.first_model_out"], "live weights")
     state = _state("uncond")
     state["model.diffusion_model.out.2.bias"] = torch.zeros(4)
     with pytest.raises(LDMKitError, match=r"model\.diffusion_model\.out\.2\.bias has shape \(4,\)"):

@@ -28,6 +28,7 @@ LAYERS = [
     ("assembly", ["ldmkit.assembly", "ldmkit"]),
     ("training", ["ldmkit.training", "ldmkit.datasets"]),
     ("interface", ["ldmkit.cli", "ldmkit.serve", "ldmkit.__main__"]),
+    ("testing", ["ldmkit.testing"]),  # helpers for tests and benchmarks: nothing in ldmkit imports them
 ]
 
 

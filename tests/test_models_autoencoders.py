@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import perturb  # pytest puts tests/ (no __init__.py) on sys.path
+import ldmkit.models
 from ldmkit.errors import LDMKitError
 from ldmkit.models import AutoencoderKL, DiagonalGaussianDistribution, VQModel
 from ldmkit.models.resnet import Upsample2D
+from ldmkit.models.vae import VectorQuantizer
+from reference_models import save_diffusers
 
 TOL = 1e-5
 
@@ -22,16 +24,6 @@ TINY_KL = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chann
 TINY_VQ = dict(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(16, 32),
                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, num_vq_embeddings=32)
-
-
-def save_diffusers(cls_name: str, config: dict, folder, seed: int = 0):
-    import diffusers
-
-    torch.manual_seed(seed)
-    model = getattr(diffusers, cls_name)(**config).eval()
-    perturb(model, seed=seed + 1)  # random init leaves weights at 0 / 1: make parity meaningful
-    model.save_pretrained(folder)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +240,6 @@ def test_vq_unsupported_features_and_bad_inputs_raise(tiny_vq):
 def test_published_autoencoders_have_diffusers_keys_and_shapes(cls_name, config):
     import diffusers
 
-    import ldmkit.models
-
     with torch.device("meta"):
         theirs = getattr(diffusers, cls_name)(**config)
         ours = getattr(ldmkit.models, cls_name)(**config)
@@ -259,8 +249,6 @@ def test_published_autoencoders_have_diffusers_keys_and_shapes(cls_name, config)
 
 def test_quantizer_blocks_distances_without_changing_codes():
     """Large latents are quantized in blocks of rows (bounded memory) with the codes of one full argmin."""
-    from ldmkit.models.vae import VectorQuantizer
-
     quantizer = VectorQuantizer(64, 3)
     torch.nn.init.normal_(quantizer.embedding.weight, generator=torch.Generator().manual_seed(0))
     z = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(1)) * 2

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import perturb  # pytest puts tests/ (no __init__.py) on sys.path
 from ldmkit.errors import LDMKitError
 from ldmkit.models import UNet2DConditionModel, UNet2DModel
-from ldmkit.models.resnet import Upsample2D
+from ldmkit.models.resnet import Upsample2D, upsample_conv_by_phases
+from reference_models import save_diffusers
 
 TOL = 1e-5
 
@@ -40,16 +40,6 @@ TINY_UNET2D = dict(
 RICH_UNET2D = dict(
     TINY_UNET2D, attention_head_dim=None, resnet_time_scale_shift="scale_shift", downsample_type="resnet",
     upsample_type="resnet", num_class_embeds=3, mid_block_scale_factor=1.5)
-
-
-def save_diffusers(cls_name: str, config: dict, folder, seed: int = 0):
-    import diffusers
-
-    torch.manual_seed(seed)
-    model = getattr(diffusers, cls_name)(**config).eval()
-    perturb(model, seed=seed + 1)  # random init leaves weights at 0 / 1: make parity meaningful
-    model.save_pretrained(folder)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -294,8 +284,6 @@ def assert_same_parameters(diffusers_cls, ldmkit_cls, config: dict) -> None:
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 4, 1, 1)])
 def test_upsample_conv_by_phases_equals_upsample_then_conv(shape):
     import torch.nn.functional as F
-
-    from ldmkit.models.resnet import upsample_conv_by_phases
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen, requires_grad=True)

@@ -239,7 +239,7 @@ def kl_decoders(tmp_path_factory):
     """
     from diffusers import AutoencoderKL as DiffusersKL
 
-    from conftest import perturb
+    from reference_models import perturb
     from ldmkit import AutoencoderKL
 
     torch.manual_seed(0)

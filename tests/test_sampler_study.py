@@ -4,17 +4,13 @@ Gaussian-mixture denoiser, against the exact probability-flow ODE solution from 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from gmm_denoiser import ExactEpsModel, GaussianMixture, probability_flow_reference  # noqa: E402
-from sampler_study import LDM_BETAS, SAMPLERS, path_errors, run_sampler  # noqa: E402
-
-import ldmkit.schedulers as ls  # noqa: E402
+import ldmkit.schedulers as ls
+from ldmkit.testing.gmm_denoiser import ExactEpsModel, GaussianMixture, probability_flow_reference
+from ldmkit.testing.samplers import LDM_BETAS, SAMPLERS, path_errors, run_sampler
 
 DETERMINISTIC = [s for s in SAMPLERS if not s.stochastic]
 STEPS = (5, 20, 100)

@@ -18,6 +18,8 @@ import torch
 from ldmkit import AutoencoderKL, DiffusionPipeline
 from ldmkit.datasets.toy import make_toy_dataset
 from ldmkit.training import build_recipe, train_autoencoder, train_ldm
+from ldmkit.training.autoencoder import EVAL_BATCH, SCALE_ESTIMATE_IMAGES
+from ldmkit.training.data import ImageDataset, collate, scan_folder, split_holdout
 from training_utils import metrics
 
 FAST = {"progress_bar": False, "log_every": 10, "checkpoint_every": 1000, "sample_every": 0, "eval_every": 0}
@@ -25,6 +27,18 @@ FAST = {"progress_bar": False, "log_every": 10, "checkpoint_every": 1000, "sampl
 
 # Training tests run on one torch thread (the shared fixture in conftest.py says why).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _autoencoder_recipe(tmp):
+    """The autoencoder's recipe (the fixture trains it on tmp / "toy"; the scaling-factor test reads its data)."""
+    return build_recipe("autoencoder", {
+        "output_dir": str(tmp / "ae"), "seed": 0,
+        "data": {"root": str(tmp / "toy"), "resolution": 16, "random_crop": False, "holdout": 2, "num_workers": 0},
+        "model": {"type": "kl", "block_out_channels": [16, 16, 16, 16], "layers_per_block": 1,
+                  "latent_channels": 4, "norm_num_groups": 8, "mid_block_add_attention": False},
+        "train": {"max_steps": 400, "batch_size": 8, "lr": 3e-3, "warmup_steps": 10, "adam_betas": [0.9, 0.99],
+                  "ema": {"enabled": False}, **FAST},
+    })
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +49,7 @@ def trained(tmp_path_factory):
     with open(data / "metadata.jsonl", "a") as f:
         f.write(json.dumps({"file_name": "broken.png", "text": "a red square"}) + "\n")
 
-    ae = train_autoencoder(build_recipe("autoencoder", {
-        "output_dir": str(tmp / "ae"), "seed": 0,
-        "data": {"root": str(data), "resolution": 16, "random_crop": False, "holdout": 2, "num_workers": 0},
-        "model": {"type": "kl", "block_out_channels": [16, 16, 16, 16], "layers_per_block": 1,
-                  "latent_channels": 4, "norm_num_groups": 8, "mid_block_add_attention": False},
-        "train": {"max_steps": 400, "batch_size": 8, "lr": 3e-3, "warmup_steps": 10, "adam_betas": [0.9, 0.99],
-                  "ema": {"enabled": False}, **FAST},
-    }))
+    ae = train_autoencoder(_autoencoder_recipe(tmp))
     pipe = train_ldm(build_recipe("ldm", {
         "conditioning": "text", "autoencoder": str(ae), "output_dir": str(tmp / "ldm"), "seed": 0,
         "data": {"root": str(data), "resolution": 16, "random_crop": False, "num_workers": 0, "latent_cache": True,
@@ -57,6 +64,22 @@ def trained(tmp_path_factory):
                   "mixed_precision": "no", "ema": {"decay": 0.999}, **FAST},
     }))
     return tmp, ae, pipe
+
+
+@torch.no_grad()
+def _latent_scale(model: AutoencoderKL, recipe) -> float:
+    """1 / std of posterior samples of the training images, drawn as the trainer's export draws them (the same
+    images, batches and noise), here in fp32 where training ran under bf16 autocast (3e-4 apart)."""
+    records, _ = split_holdout(scan_folder(recipe.data.root).records, recipe.data.holdout, recipe.seed)
+    data = ImageDataset(records, recipe.data.resolution, recipe.seed, recipe.data.random_crop, recipe.data.random_flip,
+                        crop_size=recipe.data.crop_size)
+    count = min(len(data), SCALE_ESTIMATE_IMAGES)
+    latents = []
+    for start in range(0, count, EVAL_BATCH):
+        images = collate([data[(i, 0)] for i in range(start, min(start + EVAL_BATCH, count))])["pixel_values"]
+        posterior = model.encode(images).latent_dist
+        latents.append(posterior.sample(generator=torch.Generator().manual_seed(start)))
+    return 1.0 / torch.cat(latents).flatten().std().item()
 
 
 def _dominant_colour(images: np.ndarray) -> list[str]:
@@ -77,7 +100,9 @@ def test_the_autoencoder_reconstructs(trained):
     assert log[-1]["psnr_heldout"] > 14, log[-1]
     assert [r["unreadable_images"] for r in log if "loss" in r][-1] == 1  # broken.png, counted once
     model = AutoencoderKL.from_pretrained(ae_dir)
-    assert 0.1 < model.config.scaling_factor < 100  # measured from the latents, not the default 0.18215
+    # Measured from the latents, not the default 0.18215: 1 / std of the training images' latents.
+    assert model.config.scaling_factor == pytest.approx(_latent_scale(model, _autoencoder_recipe(tmp)), rel=5e-3)
+    assert model.config.scaling_factor != pytest.approx(0.18215, rel=0.1)
     assert (tmp / "ae" / "loss.png").is_file() and list((tmp / "ae" / "samples").glob("*.png"))
 
 

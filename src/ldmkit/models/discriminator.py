@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import LDMKitError
+
 
 class NLayerDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017, pix2pix, sec. 3.2.2): a stack of strided 4x4 convolutions whose output is
@@ -16,7 +18,9 @@ class NLayerDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3, norm: str = "batch"):
         super().__init__()
         if norm not in ("batch", "group"):
-            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+            raise LDMKitError(f"NLayerDiscriminator: norm={norm!r} is not supported. Use 'batch' (the original "
+                              "VQGAN discriminator) or 'group' (per-sample statistics, independent of how the batch "
+                              "is split across processes); in a training recipe this is loss.disc_norm.")
 
         def norm_layer(c: int) -> nn.Module:
             return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(min(32, c // 4) or 1, c)

@@ -22,8 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LDMKitError
-from ..io import atomic_path
-from .modeling_utils import ModelMixin
+from .modeling_utils import ModelMixin, save_pickled_state_dict
 
 # The transformers release whose config.json layout we write; its LDMBert fields are unchanged since 4.21.
 TRANSFORMERS_LAYOUT_VERSION = "4.46.3"
@@ -70,7 +69,8 @@ class LDMBertOutput(tuple):
     def __getitem__(self, key):
         if isinstance(key, str):
             if key != "last_hidden_state":
-                raise KeyError(key)
+                # A mapping's KeyError, as transformers' BaseModelOutput raises for a field it lacks.
+                raise KeyError(f"{key!r}: LDMBertOutput holds only 'last_hidden_state'")
             return self.last_hidden_state
         return super().__getitem__(key)
 
@@ -254,8 +254,7 @@ class LDMBertModel(ModelMixin, library="latent_diffusion"):
             return
         folder = Path(folder)
         self.save_config(folder)
-        with atomic_path(folder / "pytorch_model.bin") as tmp:
-            torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, tmp)
+        save_pickled_state_dict(self.state_dict(), folder / "pytorch_model.bin")
 
     def config_to_json(self) -> str:
         """A transformers config.json, which transformers/diffusers' LDMBertModel.from_pretrained reads."""

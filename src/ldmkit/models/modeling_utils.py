@@ -129,5 +129,10 @@ class ModelMixin(nn.Module, ConfigMixin):
         if safe_serialization:
             save_state_dict(self.state_dict(), folder / f"{stem}.safetensors")
         else:
-            with atomic_path(folder / f"{stem}.bin") as tmp:
-                torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, tmp)
+            save_pickled_state_dict(self.state_dict(), folder / f"{stem}.bin")
+
+
+def save_pickled_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict atomically as a torch pickle (``.bin``), its tensors on the CPU."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)

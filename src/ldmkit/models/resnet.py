@@ -37,7 +37,8 @@ class Downsample2D(nn.Module):
             self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, stride=2, padding=padding)
         else:
             if out_channels != channels:
-                raise LDMKitError("Downsample2D without a conv cannot change the channel count.")
+                raise LDMKitError(f"Downsample2D without a conv (average pooling) cannot change the channel count "
+                                  f"({channels} -> {out_channels}); pass use_conv=True or leave out_channels unset.")
             self.conv = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import LDMKitError
 from .attention import rename_legacy_attention_keys
-from .embeddings import TimestepEmbedding, Timesteps, embed_time_and_class
 from .modeling_utils import ModelMixin
-from .unet_2d_blocks import UNetMidBlock2D, check_spatial_input, get_down_block, get_up_block
+from .unet_2d_blocks import UNetMidBlock2D, build_down_blocks, build_up_blocks, check_spatial_input
+from .unet_common import block_options, build_head, build_stem, count_levels, denoise, per_block
 
 
 @dataclass
@@ -64,65 +63,27 @@ class UNet2DModel(ModelMixin):
     ):
         super().__init__()
         self.register_config(locals())
-        num_blocks = len(down_block_types)
-        if len(up_block_types) != num_blocks or len(block_out_channels) != num_blocks:
-            raise LDMKitError(f"down_block_types ({len(down_block_types)}), up_block_types "
-                              f"({len(up_block_types)}) and block_out_channels ({len(block_out_channels)}) "
-                              "must have the same length.")
+        num_blocks = count_levels(down_block_types, up_block_types, block_out_channels)
         if mid_block_type not in ("UNetMidBlock2D", None):
             raise LDMKitError(f"mid_block_type={mid_block_type!r} is not supported; "
                               "use 'UNetMidBlock2D' or None.")
         self._downsample_factor = 2 ** (num_blocks - 1)
-        if isinstance(attention_head_dim, list | tuple):
-            if len(attention_head_dim) != num_blocks:
-                raise LDMKitError(f"attention_head_dim has {len(attention_head_dim)} entries but the UNet has "
-                                  f"{num_blocks} down blocks; give one value or one per block.")
-            head_dims = list(attention_head_dim)
-        else:
-            head_dims = [attention_head_dim] * num_blocks
+        head_dims = per_block(attention_head_dim, num_blocks, "attention_head_dim")  # None: one head per block
 
-        time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
-        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim)
-        self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
-
-        shared = {"temb_channels": time_embed_dim, "resnet_eps": norm_eps, "resnet_act_fn": act_fn,
-                  "resnet_groups": norm_num_groups, "resnet_time_scale_shift": resnet_time_scale_shift,
-                  "dropout": dropout, "num_layers": layers_per_block}
-        self.down_blocks = nn.ModuleList()
-        out_ch = block_out_channels[0]
-        for i, block_type in enumerate(down_block_types):
-            in_ch, out_ch = out_ch, block_out_channels[i]
-            self.down_blocks.append(get_down_block(
-                block_type, in_channels=in_ch, out_channels=out_ch, add_downsample=i < num_blocks - 1,
-                downsample_padding=downsample_padding, downsample_type=downsample_type,
-                attention_head_dim=head_dims[i] or out_ch, **shared))
-
-        self.mid_block = None
-        if mid_block_type is not None:
-            self.mid_block = UNetMidBlock2D(
-                block_out_channels[-1], time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
-                resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift,
-                output_scale_factor=mid_block_scale_factor, dropout=dropout, add_attention=add_attention,
-                attention_head_dim=head_dims[-1] or block_out_channels[-1],
-                attn_groups=attn_norm_num_groups)
-
-        self.up_blocks = nn.ModuleList()
-        reversed_channels = list(reversed(block_out_channels))
-        out_ch = reversed_channels[0]
-        shared["num_layers"] = layers_per_block + 1
-        for i, block_type in enumerate(up_block_types):
-            prev_ch, out_ch = out_ch, reversed_channels[i]
-            skip_ch = reversed_channels[min(i + 1, num_blocks - 1)]
-            self.up_blocks.append(get_up_block(
-                block_type, in_channels=skip_ch, prev_output_channel=prev_ch, out_channels=out_ch,
-                add_upsample=i < num_blocks - 1, upsample_type=upsample_type,
-                attention_head_dim=head_dims[::-1][i] or out_ch, **shared))
-
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
-        self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+        time_embed_dim = build_stem(self, in_channels, block_out_channels[0], flip_sin_to_cos, freq_shift,
+                                    time_embedding_dim, num_class_embeds)
+        shared = block_options(self.config, time_embed_dim)
+        self.down_blocks = build_down_blocks(
+            down_block_types, block_out_channels, {"attention_head_dim": head_dims}, num_layers=layers_per_block,
+            downsample_padding=downsample_padding, downsample_type=downsample_type, **shared)
+        self.mid_block = None if mid_block_type is None else UNetMidBlock2D(
+            block_out_channels[-1], output_scale_factor=mid_block_scale_factor, add_attention=add_attention,
+            attention_head_dim=head_dims[-1], attn_groups=attn_norm_num_groups, **shared)
+        self.up_blocks = build_up_blocks(
+            up_block_types, block_out_channels, {"attention_head_dim": head_dims[::-1]},
+            num_layers=layers_per_block + 1, upsample_type=upsample_type, **shared)
+        # diffusers' UNet2DModel: the time MLP and the output activation are SiLU whatever act_fn says.
+        build_head(self, block_out_channels[0], out_channels, norm_num_groups, norm_eps)
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
         super().load_weights(rename_legacy_attention_keys(state), source=source)
@@ -140,20 +101,5 @@ class UNet2DModel(ModelMixin):
         channels, so ``in_channels`` counts both.
         """
         check_spatial_input(type(self).__name__, sample, self.config.in_channels, self._downsample_factor)
-        batch = sample.shape[0]
-        if self.config.center_input_sample:
-            sample = 2 * sample - 1.0
-
-        emb = embed_time_and_class(self, timestep, class_labels, batch, sample)
-
-        hidden_states = self.conv_in(sample)
-        skips = [hidden_states]
-        for block in self.down_blocks:
-            hidden_states, block_skips = block(hidden_states, emb)
-            skips.extend(block_skips)
-        if self.mid_block is not None:
-            hidden_states = self.mid_block(hidden_states, emb)
-        for block in self.up_blocks:
-            hidden_states = block(hidden_states, skips, emb)
-        hidden_states = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))
+        hidden_states = denoise(self, sample, timestep, class_labels)
         return UNet2DOutput(sample=hidden_states) if return_dict else (hidden_states,)

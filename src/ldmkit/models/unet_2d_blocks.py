@@ -4,11 +4,17 @@ Every down block returns ``(hidden_states, skips)``, the tensors the matching up
 (the U-Net skip connections, Ronneberger et al. 2015; the layout of DDPM / LDM, Ho et al. 2020, Rombach et
 al. 2022). All down, up and mid blocks take the same keyword arguments, so the UNets call them uniformly;
 blocks without cross-attention ignore ``encoder_hidden_states``.
+
+The blocks differ only in what they are built of (their names, arguments and parameter names are
+diffusers'); one pass per kind runs them: :class:`_DownLevel`, :class:`_UpLevel` and :class:`_MidLevel`.
+:func:`build_down_blocks` / :func:`build_up_blocks` build the levels of a UNet, encoder or decoder from its
+config.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,36 +24,38 @@ from .attention import Attention, Transformer2DModel
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
-def _resnets(in_channels: int, out_channels: int, num_layers: int, temb_channels: int | None, eps: float,
-             act_fn: str, groups: int, time_scale_shift: str, output_scale_factor: float, dropout: float,
-             skip_channels: list[int] | None = None) -> nn.ModuleList:
-    """``num_layers`` residual blocks; the first maps ``in_channels`` to ``out_channels``.
+@dataclass(frozen=True)
+class _ResnetOptions:
+    """The options a block passes to each of its residual blocks (diffusers' ``resnet_*`` arguments)."""
 
-    ``skip_channels[i]`` is the width of the skip connection concatenated to the input of block ``i``
-    (up blocks only).
-    """
-    blocks = []
-    for i in range(num_layers):
-        channels = in_channels if i == 0 else out_channels
-        if skip_channels is not None:
-            channels += skip_channels[i]
-        blocks.append(ResnetBlock2D(
-            in_channels=channels, out_channels=out_channels, temb_channels=temb_channels, groups=groups,
-            eps=eps, act_fn=act_fn, time_embedding_norm=time_scale_shift,
-            output_scale_factor=output_scale_factor, dropout=dropout))
-    return nn.ModuleList(blocks)
+    temb_channels: int | None
+    eps: float
+    act_fn: str
+    groups: int
+    time_scale_shift: str
+    output_scale_factor: float
+    dropout: float
 
+    def block(self, in_channels: int, out_channels: int, **resample: bool) -> ResnetBlock2D:
+        return ResnetBlock2D(in_channels=in_channels, out_channels=out_channels, temb_channels=self.temb_channels,
+                             groups=self.groups, eps=self.eps, act_fn=self.act_fn,
+                             time_embedding_norm=self.time_scale_shift,
+                             output_scale_factor=self.output_scale_factor, dropout=self.dropout, **resample)
 
-def _spatial_attention(channels: int, head_dim: int, groups: int | None, eps: float,
-                       output_scale_factor: float) -> Attention:
-    """The single-block self-attention over all pixels used by UNet2DModel and the autoencoder."""
-    return Attention(channels, heads=channels // head_dim, dim_head=head_dim, bias=True,
-                     norm_num_groups=groups, eps=eps, residual_connection=True,
-                     rescale_output_factor=output_scale_factor)
+    def stack(self, in_channels: int, out_channels: int, num_layers: int,
+              skip_channels: list[int] | None = None) -> nn.ModuleList:
+        """``num_layers`` residual blocks; the first maps ``in_channels`` to ``out_channels``.
 
-
-def _per_layer(value: int | list[int], num_layers: int) -> list[int]:
-    return [value] * num_layers if isinstance(value, int) else list(value)
+        ``skip_channels[i]`` is the width of the skip connection concatenated to the input of block ``i``
+        (up blocks only).
+        """
+        blocks = []
+        for i in range(num_layers):
+            channels = in_channels if i == 0 else out_channels
+            if skip_channels is not None:
+                channels += skip_channels[i]
+            blocks.append(self.block(channels, out_channels))
+        return nn.ModuleList(blocks)
 
 
 def _up_skip_channels(in_channels: int, out_channels: int, num_layers: int) -> list[int]:
@@ -55,33 +63,138 @@ def _up_skip_channels(in_channels: int, out_channels: int, num_layers: int) -> l
     return [in_channels if i == num_layers - 1 else out_channels for i in range(num_layers)]
 
 
-class DownBlock2D(nn.Module):
+def _resampler(direction: str, kind: str | None, channels: int, resnet: _ResnetOptions,
+               padding: int = 1) -> nn.ModuleList | None:
+    """A level's 2x ``direction`` ("down" / "up") resampler; ``kind`` None: the level has none.
+
+    "conv" is a stride-2 conv (down) or nearest-2x + conv (up); "resnet" a residual block that average-pools
+    (down) or repeats pixels (up) inside it, the ``resblock_updown`` of ADM / LDM (Dhariwal & Nichol 2021,
+    sec. 3).
+    """
+    if kind is None:
+        return None
+    if kind == "resnet":
+        return nn.ModuleList([resnet.block(channels, channels, **{direction: True})])
+    if kind == "conv":
+        return nn.ModuleList([Downsample2D(channels, padding=padding) if direction == "down" else Upsample2D(channels)])
+    raise LDMKitError(f"{direction}sample_type={kind!r} is not supported; use 'conv' or 'resnet'.")
+
+
+def _resample(resampler: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+    # A residual resampler is time-conditioned like the other residual blocks.
+    if isinstance(resampler, ResnetBlock2D):
+        return resampler(hidden_states, temb)
+    return resampler(hidden_states)
+
+
+def _spatial_attentions(channels: int, head_dim: int | None, num_layers: int, groups: int | None, eps: float,
+                        output_scale_factor: float) -> nn.ModuleList:
+    """Single-block self-attentions over all pixels (UNet2DModel, the autoencoder); ``head_dim`` None: one
+    head over all channels."""
+    head_dim = head_dim or channels
+    return nn.ModuleList([
+        Attention(channels, heads=channels // head_dim, dim_head=head_dim, bias=True, norm_num_groups=groups,
+                  eps=eps, residual_connection=True, rescale_output_factor=output_scale_factor)
+        for _ in range(num_layers)])
+
+
+def _transformers(channels: int, num_layers: int, num_heads: int, depth: int | list[int], groups: int,
+                  cross_attention_dim: int, use_linear_projection: bool, upcast_attention: bool) -> nn.ModuleList:
+    """One spatial transformer per layer; ``depth`` transformer blocks each (one value, or one per layer)."""
+    depths = [depth] * num_layers if isinstance(depth, int) else list(depth)
+    return nn.ModuleList([
+        Transformer2DModel(num_heads, channels // num_heads, channels, num_layers=depths[i], norm_num_groups=groups,
+                           cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
+                           upcast_attention=upcast_attention)
+        for i in range(num_layers)])
+
+
+def _attend(attention: nn.Module, hidden_states, encoder_hidden_states, encoder_attention_mask) -> torch.Tensor:
+    # A spatial transformer cross-attends to the conditioning; spatial self-attention ignores it.
+    if isinstance(attention, Transformer2DModel):
+        return attention(hidden_states, encoder_hidden_states, encoder_attention_mask)
+    return attention(hidden_states)
+
+
+class _DownLevel(nn.Module):
+    """The pass of a down block: per layer a resnet (then its attention, if any), then the downsampler;
+    every output is a skip. Subclasses choose the parts (their arguments are diffusers' block arguments)."""
+
+    def __init__(self, resnets: nn.ModuleList, attentions: nn.ModuleList | None,
+                 downsamplers: nn.ModuleList | None):
+        super().__init__()
+        self.resnets, self.attentions, self.downsamplers = resnets, attentions, downsamplers
+
+    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = _attend(self.attentions[i], hidden_states, encoder_hidden_states,
+                                        encoder_attention_mask)
+            skips.append(hidden_states)
+        if self.downsamplers is not None:
+            hidden_states = _resample(self.downsamplers[0], hidden_states, temb)
+            skips.append(hidden_states)
+        return hidden_states, skips
+
+
+class _UpLevel(nn.Module):
+    """The pass of an up block: per layer a resnet over ``concat(hidden, skip)`` (then its attention, if
+    any), then the upsampler. Subclasses choose the parts (their arguments are diffusers' block arguments)."""
+
+    def __init__(self, resnets: nn.ModuleList, attentions: nn.ModuleList | None,
+                 upsamplers: nn.ModuleList | None):
+        super().__init__()
+        self.resnets, self.attentions, self.upsamplers = resnets, attentions, upsamplers
+
+    def forward(self, hidden_states, skips, temb=None, encoder_hidden_states=None,
+                encoder_attention_mask=None):
+        """Consumes ``len(self.resnets)`` tensors from the end of the list ``skips`` (None: no skips)."""
+        for i, resnet in enumerate(self.resnets):
+            if skips is not None:
+                hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)
+            hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = _attend(self.attentions[i], hidden_states, encoder_hidden_states,
+                                        encoder_attention_mask)
+        if self.upsamplers is not None:
+            hidden_states = _resample(self.upsamplers[0], hidden_states, temb)
+        return hidden_states
+
+
+class _MidLevel(nn.Module):
+    """The pass of a mid block: ``resnet -> (attention -> resnet) x num_layers``; attention optional."""
+
+    def __init__(self, resnets: nn.ModuleList, attentions: nn.ModuleList | None):
+        super().__init__()
+        self.resnets, self.attentions = resnets, attentions
+
+    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
+        hidden_states = self.resnets[0](hidden_states, temb)
+        for i, resnet in enumerate(self.resnets[1:]):
+            if self.attentions is not None:
+                hidden_states = _attend(self.attentions[i], hidden_states, encoder_hidden_states,
+                                        encoder_attention_mask)
+            hidden_states = resnet(hidden_states, temb)
+        return hidden_states
+
+
+class DownBlock2D(_DownLevel):
     """Residual blocks, then an optional stride-2 conv downsampler."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_act_fn: str = "silu", resnet_groups: int = 32,
                  resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
                  dropout: float = 0.0, add_downsample: bool = True, downsample_padding: int = 1):
-        super().__init__()
-        self.resnets = _resnets(in_channels, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout)
-        self.downsamplers = None
-        if add_downsample:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
-
-    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
-        skips = []
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)
-            skips.append(hidden_states)
-        if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
-            skips.append(hidden_states)
-        return hidden_states, skips
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(in_channels, out_channels, num_layers), None,
+                         _resampler("down", "conv" if add_downsample else None, out_channels, resnet,
+                                    downsample_padding))
 
 
-class ResnetDownsampleBlock2D(nn.Module):
+class ResnetDownsampleBlock2D(_DownLevel):
     """Residual blocks, then a residual block that halves the resolution by average pooling inside it.
 
     The ``resblock_updown`` levels of the ADM / LDM UNet (Dhariwal & Nichol 2021, sec. 3) without attention;
@@ -92,29 +205,13 @@ class ResnetDownsampleBlock2D(nn.Module):
                  resnet_eps: float = 1e-6, resnet_act_fn: str = "silu", resnet_groups: int = 32,
                  resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
                  dropout: float = 0.0, add_downsample: bool = True):
-        super().__init__()
-        self.resnets = _resnets(in_channels, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout)
-        self.downsamplers = None
-        if add_downsample:
-            self.downsamplers = nn.ModuleList([ResnetBlock2D(
-                in_channels=out_channels, temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps,
-                act_fn=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
-                output_scale_factor=output_scale_factor, dropout=dropout, down=True)])
-
-    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
-        skips = []
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)
-            skips.append(hidden_states)
-        if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states, temb)
-            skips.append(hidden_states)
-        return hidden_states, skips
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(in_channels, out_channels, num_layers), None,
+                         _resampler("down", "resnet" if add_downsample else None, out_channels, resnet))
 
 
-class AttnDownBlock2D(nn.Module):
+class AttnDownBlock2D(_DownLevel):
     """Residual blocks each followed by a spatial self-attention, then an optional downsampler.
 
     ``downsample_type`` "conv" is a stride-2 conv, "resnet" a residual block with average pooling.
@@ -125,42 +222,16 @@ class AttnDownBlock2D(nn.Module):
                  resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
                  dropout: float = 0.0, add_downsample: bool = True, downsample_padding: int = 1,
                  downsample_type: str = "conv", attention_head_dim: int | None = 1):
-        super().__init__()
-        head_dim = attention_head_dim or out_channels
-        self.resnets = _resnets(in_channels, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout)
-        self.attentions = nn.ModuleList([
-            _spatial_attention(out_channels, head_dim, resnet_groups, resnet_eps, output_scale_factor)
-            for _ in range(num_layers)])
-        self.downsamplers = None
-        if add_downsample and downsample_type == "conv":
-            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
-        elif add_downsample and downsample_type == "resnet":
-            self.downsamplers = nn.ModuleList([ResnetBlock2D(
-                in_channels=out_channels, temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps,
-                act_fn=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
-                output_scale_factor=output_scale_factor, dropout=dropout, down=True)])
-        elif add_downsample:
-            raise LDMKitError(f"downsample_type={downsample_type!r} is not supported; "
-                              "use 'conv' or 'resnet'.")
-
-    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
-        skips = []
-        for resnet, attention in zip(self.resnets, self.attentions):
-            hidden_states = attention(resnet(hidden_states, temb))
-            skips.append(hidden_states)
-        if self.downsamplers is not None:
-            downsampler = self.downsamplers[0]
-            if isinstance(downsampler, ResnetBlock2D):
-                hidden_states = downsampler(hidden_states, temb)
-            else:
-                hidden_states = downsampler(hidden_states)
-            skips.append(hidden_states)
-        return hidden_states, skips
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(in_channels, out_channels, num_layers),
+                         _spatial_attentions(out_channels, attention_head_dim, num_layers, resnet_groups,
+                                             resnet_eps, output_scale_factor),
+                         _resampler("down", downsample_type if add_downsample else None, out_channels, resnet,
+                                    downsample_padding))
 
 
-class CrossAttnDownBlock2D(nn.Module):
+class CrossAttnDownBlock2D(_DownLevel):
     """Residual blocks each followed by a spatial transformer attending to the conditioning."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, num_layers: int = 1,
@@ -170,87 +241,40 @@ class CrossAttnDownBlock2D(nn.Module):
                  num_attention_heads: int = 1, cross_attention_dim: int = 1280,
                  transformer_layers_per_block: int | list[int] = 1, use_linear_projection: bool = False,
                  upcast_attention: bool = False):
-        super().__init__()
-        depths = _per_layer(transformer_layers_per_block, num_layers)
-        self.resnets = _resnets(in_channels, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout)
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(num_attention_heads, out_channels // num_attention_heads, out_channels,
-                               num_layers=depths[i], norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim,
-                               use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
-            for i in range(num_layers)])
-        self.downsamplers = None
-        if add_downsample:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
-
-    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
-        skips = []
-        for resnet, attention in zip(self.resnets, self.attentions):
-            hidden_states = resnet(hidden_states, temb)
-            hidden_states = attention(hidden_states, encoder_hidden_states, encoder_attention_mask)
-            skips.append(hidden_states)
-        if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
-            skips.append(hidden_states)
-        return hidden_states, skips
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(in_channels, out_channels, num_layers),
+                         _transformers(out_channels, num_layers, num_attention_heads, transformer_layers_per_block,
+                                       resnet_groups, cross_attention_dim, use_linear_projection, upcast_attention),
+                         _resampler("down", "conv" if add_downsample else None, out_channels, resnet,
+                                    downsample_padding))
 
 
-class UpBlock2D(nn.Module):
+class UpBlock2D(_UpLevel):
     """Residual blocks over ``concat(hidden, skip)``, then an optional nearest-2x + conv upsampler."""
+
+    _upsample_type = "conv"
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int,
                  temb_channels: int | None, num_layers: int = 1, resnet_eps: float = 1e-6,
                  resnet_act_fn: str = "silu", resnet_groups: int = 32,
                  resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
                  dropout: float = 0.0, add_upsample: bool = True):
-        super().__init__()
-        self.resnets = _resnets(prev_output_channel, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout, _up_skip_channels(in_channels, out_channels, num_layers))
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
-
-    def forward(self, hidden_states, skips, temb=None, encoder_hidden_states=None,
-                encoder_attention_mask=None):
-        """Consumes ``len(self.resnets)`` tensors from the end of the list ``skips``."""
-        for resnet in self.resnets:
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states)
-        return hidden_states
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(prev_output_channel, out_channels, num_layers,
+                                      _up_skip_channels(in_channels, out_channels, num_layers)), None,
+                         _resampler("up", self._upsample_type if add_upsample else None, out_channels, resnet))
 
 
-class ResnetUpsampleBlock2D(nn.Module):
+class ResnetUpsampleBlock2D(UpBlock2D):
     """Residual blocks over ``concat(hidden, skip)``, then a residual block that doubles the resolution
     (nearest neighbour) inside it: the ``resblock_updown`` up levels of the ADM / LDM UNet without attention."""
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int,
-                 temb_channels: int | None, num_layers: int = 1, resnet_eps: float = 1e-6,
-                 resnet_act_fn: str = "silu", resnet_groups: int = 32,
-                 resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
-                 dropout: float = 0.0, add_upsample: bool = True):
-        super().__init__()
-        self.resnets = _resnets(prev_output_channel, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout, _up_skip_channels(in_channels, out_channels, num_layers))
-        self.upsamplers = None
-        if add_upsample:
-            self.upsamplers = nn.ModuleList([ResnetBlock2D(
-                in_channels=out_channels, temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps,
-                act_fn=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
-                output_scale_factor=output_scale_factor, dropout=dropout, up=True)])
-
-    def forward(self, hidden_states, skips, temb=None, encoder_hidden_states=None,
-                encoder_attention_mask=None):
-        for resnet in self.resnets:
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, temb)
-        return hidden_states
+    _upsample_type = "resnet"
 
 
-class AttnUpBlock2D(nn.Module):
+class AttnUpBlock2D(_UpLevel):
     """Residual blocks over ``concat(hidden, skip)``, each followed by self-attention; then upsampling."""
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int,
@@ -259,39 +283,16 @@ class AttnUpBlock2D(nn.Module):
                  resnet_time_scale_shift: str = "default", output_scale_factor: float = 1.0,
                  dropout: float = 0.0, add_upsample: bool = True,
                  upsample_type: str = "conv", attention_head_dim: int | None = 1):
-        super().__init__()
-        head_dim = attention_head_dim or out_channels
-        self.resnets = _resnets(prev_output_channel, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout, _up_skip_channels(in_channels, out_channels, num_layers))
-        self.attentions = nn.ModuleList([
-            _spatial_attention(out_channels, head_dim, resnet_groups, resnet_eps, output_scale_factor)
-            for _ in range(num_layers)])
-        self.upsamplers = None
-        if add_upsample and upsample_type == "conv":
-            self.upsamplers = nn.ModuleList([Upsample2D(out_channels)])
-        elif add_upsample and upsample_type == "resnet":
-            self.upsamplers = nn.ModuleList([ResnetBlock2D(
-                in_channels=out_channels, temb_channels=temb_channels, groups=resnet_groups, eps=resnet_eps,
-                act_fn=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
-                output_scale_factor=output_scale_factor, dropout=dropout, up=True)])
-        elif add_upsample:
-            raise LDMKitError(f"upsample_type={upsample_type!r} is not supported; use 'conv' or 'resnet'.")
-
-    def forward(self, hidden_states, skips, temb=None, encoder_hidden_states=None,
-                encoder_attention_mask=None):
-        for resnet, attention in zip(self.resnets, self.attentions):
-            hidden_states = attention(resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb))
-        if self.upsamplers is not None:
-            upsampler = self.upsamplers[0]
-            if isinstance(upsampler, ResnetBlock2D):
-                hidden_states = upsampler(hidden_states, temb)
-            else:
-                hidden_states = upsampler(hidden_states)
-        return hidden_states
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(prev_output_channel, out_channels, num_layers,
+                                      _up_skip_channels(in_channels, out_channels, num_layers)),
+                         _spatial_attentions(out_channels, attention_head_dim, num_layers, resnet_groups,
+                                             resnet_eps, output_scale_factor),
+                         _resampler("up", upsample_type if add_upsample else None, out_channels, resnet))
 
 
-class CrossAttnUpBlock2D(nn.Module):
+class CrossAttnUpBlock2D(_UpLevel):
     """Residual blocks over ``concat(hidden, skip)``, each followed by a spatial transformer; then
     upsampling."""
 
@@ -303,30 +304,16 @@ class CrossAttnUpBlock2D(nn.Module):
                  num_attention_heads: int = 1, cross_attention_dim: int = 1280,
                  transformer_layers_per_block: int | list[int] = 1, use_linear_projection: bool = False,
                  upcast_attention: bool = False):
-        super().__init__()
-        depths = _per_layer(transformer_layers_per_block, num_layers)
-        self.resnets = _resnets(prev_output_channel, out_channels, num_layers, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout, _up_skip_channels(in_channels, out_channels, num_layers))
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(num_attention_heads, out_channels // num_attention_heads, out_channels,
-                               num_layers=depths[i], norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim,
-                               use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
-            for i in range(num_layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
-
-    def forward(self, hidden_states, skips, temb=None, encoder_hidden_states=None,
-                encoder_attention_mask=None):
-        for resnet, attention in zip(self.resnets, self.attentions):
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
-            hidden_states = attention(hidden_states, encoder_hidden_states, encoder_attention_mask)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states)
-        return hidden_states
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(prev_output_channel, out_channels, num_layers,
+                                      _up_skip_channels(in_channels, out_channels, num_layers)),
+                         _transformers(out_channels, num_layers, num_attention_heads, transformer_layers_per_block,
+                                       resnet_groups, cross_attention_dim, use_linear_projection, upcast_attention),
+                         _resampler("up", "conv" if add_upsample else None, out_channels, resnet))
 
 
-class UNetMidBlock2D(nn.Module):
+class UNetMidBlock2D(_MidLevel):
     """``resnet -> (attention -> resnet) x num_layers`` at the lowest resolution; attention optional."""
 
     def __init__(self, in_channels: int, temb_channels: int | None, num_layers: int = 1,
@@ -334,30 +321,17 @@ class UNetMidBlock2D(nn.Module):
                  resnet_time_scale_shift: str = "default",
                  output_scale_factor: float = 1.0, dropout: float = 0.0, add_attention: bool = True,
                  attention_head_dim: int | None = 1, attn_groups: int | None = None):
-        super().__init__()
         if attn_groups is None:
             # As diffusers: the attention has a GroupNorm only with the plain additive time conditioning.
             attn_groups = resnet_groups if resnet_time_scale_shift == "default" else None
-        self.resnets = _resnets(in_channels, in_channels, num_layers + 1, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout)
-        self.attentions = None
-        if add_attention:
-            self.attentions = nn.ModuleList([
-                _spatial_attention(in_channels, attention_head_dim or in_channels, attn_groups, resnet_eps,
-                                   output_scale_factor)
-                for _ in range(num_layers)])
-
-    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
-        hidden_states = self.resnets[0](hidden_states, temb)
-        for i, resnet in enumerate(self.resnets[1:]):
-            if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states)
-            hidden_states = resnet(hidden_states, temb)
-        return hidden_states
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        resnets = resnet.stack(in_channels, in_channels, num_layers + 1)
+        super().__init__(resnets, _spatial_attentions(in_channels, attention_head_dim, num_layers, attn_groups,
+                                                      resnet_eps, output_scale_factor) if add_attention else None)
 
 
-class UNetMidBlock2DCrossAttn(nn.Module):
+class UNetMidBlock2DCrossAttn(_MidLevel):
     """``resnet -> (spatial transformer -> resnet) x num_layers`` at the lowest resolution."""
 
     def __init__(self, in_channels: int, temb_channels: int | None, num_layers: int = 1,
@@ -366,64 +340,42 @@ class UNetMidBlock2DCrossAttn(nn.Module):
                  output_scale_factor: float = 1.0, dropout: float = 0.0, num_attention_heads: int = 1,
                  cross_attention_dim: int = 1280, transformer_layers_per_block: int | list[int] = 1,
                  use_linear_projection: bool = False, upcast_attention: bool = False):
-        super().__init__()
-        depths = _per_layer(transformer_layers_per_block, num_layers)
-        self.resnets = _resnets(in_channels, in_channels, num_layers + 1, temb_channels, resnet_eps,
-                                resnet_act_fn, resnet_groups, resnet_time_scale_shift, output_scale_factor,
-                                dropout)
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(num_attention_heads, in_channels // num_attention_heads, in_channels,
-                               num_layers=depths[i], norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim,
-                               use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
-            for i in range(num_layers)])
-
-    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
-        hidden_states = self.resnets[0](hidden_states, temb)
-        for attention, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attention(hidden_states, encoder_hidden_states, encoder_attention_mask)
-            hidden_states = resnet(hidden_states, temb)
-        return hidden_states
+        resnet = _ResnetOptions(temb_channels, resnet_eps, resnet_act_fn, resnet_groups, resnet_time_scale_shift,
+                                output_scale_factor, dropout)
+        super().__init__(resnet.stack(in_channels, in_channels, num_layers + 1),
+                         _transformers(in_channels, num_layers, num_attention_heads, transformer_layers_per_block,
+                                       resnet_groups, cross_attention_dim, use_linear_projection, upcast_attention))
 
 
-class DownEncoderBlock2D(nn.Module):
+class DownEncoderBlock2D(_DownLevel):
     """Unconditioned residual blocks and a downsampler: one level of the autoencoder's encoder."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int = 1, resnet_eps: float = 1e-6,
                  resnet_act_fn: str = "silu", resnet_groups: int = 32, output_scale_factor: float = 1.0,
                  dropout: float = 0.0, add_downsample: bool = True, downsample_padding: int = 1):
-        super().__init__()
-        self.resnets = _resnets(in_channels, out_channels, num_layers, None, resnet_eps, resnet_act_fn,
-                                resnet_groups, "default", output_scale_factor, dropout)
-        self.downsamplers = None
-        if add_downsample:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
+        resnet = _ResnetOptions(None, resnet_eps, resnet_act_fn, resnet_groups, "default", output_scale_factor,
+                                dropout)
+        super().__init__(resnet.stack(in_channels, out_channels, num_layers), None,
+                         _resampler("down", "conv" if add_downsample else None, out_channels, resnet,
+                                    downsample_padding))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states)
-        if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
-        return hidden_states
+        return super().forward(hidden_states)[0]
 
 
-class UpDecoderBlock2D(nn.Module):
+class UpDecoderBlock2D(_UpLevel):
     """Unconditioned residual blocks and an upsampler: one level of the autoencoder's decoder."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int = 1, resnet_eps: float = 1e-6,
                  resnet_act_fn: str = "silu", resnet_groups: int = 32, output_scale_factor: float = 1.0,
                  dropout: float = 0.0, add_upsample: bool = True):
-        super().__init__()
-        self.resnets = _resnets(in_channels, out_channels, num_layers, None, resnet_eps, resnet_act_fn,
-                                resnet_groups, "default", output_scale_factor, dropout)
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        resnet = _ResnetOptions(None, resnet_eps, resnet_act_fn, resnet_groups, "default", output_scale_factor,
+                                dropout)
+        super().__init__(resnet.stack(in_channels, out_channels, num_layers), None,
+                         _resampler("up", "conv" if add_upsample else None, out_channels, resnet))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states)
-        return hidden_states
+        return super().forward(hidden_states, None)
 
 
 DOWN_BLOCKS = {
@@ -461,6 +413,45 @@ def get_down_block(block_type: str, **options) -> nn.Module:
 def get_up_block(block_type: str, **options) -> nn.Module:
     """Build the up block named ``block_type`` from the options that apply to it."""
     return _build("up", UP_BLOCKS, block_type, options)
+
+
+def build_down_blocks(block_types: list[str], block_out_channels: list[int],
+                      per_level: dict[str, list] | None = None, **options) -> nn.ModuleList:
+    """The down levels of a UNet or encoder from its config: level ``i`` maps the previous level's width
+    (the stem's, ``block_out_channels[0]``, for the first) to ``block_out_channels[i]``, and all but the
+    last halve the resolution. ``per_level[name][i]`` is level ``i``'s ``name``; ``options`` go to every
+    level (each block takes those that apply to it)."""
+    blocks = nn.ModuleList()
+    last = len(block_out_channels) - 1
+    out_ch = block_out_channels[0]
+    for i, block_type in enumerate(block_types):
+        in_ch, out_ch = out_ch, block_out_channels[i]
+        level = {name: values[i] for name, values in (per_level or {}).items()}
+        blocks.append(get_down_block(block_type, in_channels=in_ch, out_channels=out_ch, add_downsample=i < last,
+                                     **level, **options))
+    return blocks
+
+
+def build_up_blocks(block_types: list[str], block_out_channels: list[int], per_level: dict[str, list] | None = None,
+                    skip_connections: bool = True, **options) -> nn.ModuleList:
+    """The up levels, from the lowest resolution: level ``i`` maps to ``block_out_channels[-1 - i]`` and all
+    but the last double the resolution. ``per_level`` lists are in the up levels' order.
+
+    With ``skip_connections`` (a UNet) a level's ``in_channels`` is the width of the skips it concatenates
+    last (the input width of the matching down level); without (the autoencoder's decoder) it is the
+    previous level's output width.
+    """
+    blocks = nn.ModuleList()
+    reversed_channels = list(reversed(block_out_channels))
+    last = len(block_out_channels) - 1
+    out_ch = reversed_channels[0]
+    for i, block_type in enumerate(block_types):
+        prev_ch, out_ch = out_ch, reversed_channels[i]
+        in_ch = reversed_channels[min(i + 1, last)] if skip_connections else prev_ch
+        level = {name: values[i] for name, values in (per_level or {}).items()}
+        blocks.append(get_up_block(block_type, in_channels=in_ch, prev_output_channel=prev_ch, out_channels=out_ch,
+                                   add_upsample=i < last, **level, **options))
+    return blocks
 
 
 def check_spatial_input(model: str, tensor: torch.Tensor, channels: int, multiple: int,

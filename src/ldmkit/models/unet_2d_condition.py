@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import LDMKitError
-from .embeddings import TimestepEmbedding, Timesteps, embed_time_and_class
 from .modeling_utils import ModelMixin
-from .resnet import get_activation
-from .unet_2d_blocks import UNetMidBlock2DCrossAttn, check_spatial_input, get_down_block, get_up_block
+from .unet_2d_blocks import UNetMidBlock2DCrossAttn, build_down_blocks, build_up_blocks, check_spatial_input
+from .unet_common import block_options, build_head, build_stem, count_levels, denoise, per_block
 
 
 @dataclass
@@ -19,14 +18,31 @@ class UNet2DConditionOutput:
     sample: torch.Tensor
 
 
-def per_block(value, num_blocks: int, name: str) -> list:
-    """A config value given once for all blocks or once per block, as a per-block list."""
-    if isinstance(value, list | tuple):
-        if len(value) != num_blocks:
-            raise LDMKitError(f"{name} has {len(value)} entries but the UNet has {num_blocks} down blocks; "
-                              "give one value or one per block.")
-        return list(value)
-    return [value] * num_blocks
+def _level_options(config: Mapping, num_blocks: int) -> tuple[dict[str, list], dict[str, list]]:
+    """The options that vary per level, for the down levels and for the up levels.
+
+    The up levels take the down levels' in reverse, with one resnet more each; their transformer depths are
+    the down levels' reversed unless ``reverse_transformer_layers_per_block`` gives them (it must when the
+    depths are per layer, as the up levels have one layer more).
+    """
+    down = {
+        "num_attention_heads": per_block(config["num_attention_heads"] or config["attention_head_dim"], num_blocks,
+                                         "num_attention_heads"),
+        "attention_head_dim": per_block(config["attention_head_dim"], num_blocks, "attention_head_dim"),
+        "cross_attention_dim": per_block(config["cross_attention_dim"], num_blocks, "cross_attention_dim"),
+        "num_layers": per_block(config["layers_per_block"], num_blocks, "layers_per_block"),
+        "transformer_layers_per_block": per_block(config["transformer_layers_per_block"], num_blocks,
+                                                  "transformer_layers_per_block"),
+    }
+    up = {name: values[::-1] for name, values in down.items()}
+    up["num_layers"] = [layers + 1 for layers in up["num_layers"]]
+    if config["reverse_transformer_layers_per_block"] is not None:
+        up["transformer_layers_per_block"] = per_block(config["reverse_transformer_layers_per_block"], num_blocks,
+                                                       "reverse_transformer_layers_per_block")
+    elif any(isinstance(depth, list | tuple) for depth in down["transformer_layers_per_block"]):
+        raise LDMKitError("Per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block for "
+                          "the up blocks (they have one layer more).")
+    return down, up
 
 
 class UNet2DConditionModel(ModelMixin):
@@ -97,70 +113,26 @@ class UNet2DConditionModel(ModelMixin):
     ):
         super().__init__()
         self.register_config(locals())
-        num_blocks = len(down_block_types)
-        if len(up_block_types) != num_blocks or len(block_out_channels) != num_blocks:
-            raise LDMKitError(f"down_block_types ({len(down_block_types)}), up_block_types "
-                              f"({len(up_block_types)}) and block_out_channels ({len(block_out_channels)}) "
-                              "must have the same length.")
+        num_blocks = count_levels(down_block_types, up_block_types, block_out_channels)
         if norm_num_groups is None:
             raise LDMKitError("norm_num_groups=None (no output normalisation) is not supported by ldmkit.")
-        heads = per_block(num_attention_heads or attention_head_dim, num_blocks, "num_attention_heads")
-        head_dims = per_block(attention_head_dim, num_blocks, "attention_head_dim")
-        cross_dims = per_block(cross_attention_dim, num_blocks, "cross_attention_dim")
-        layers = per_block(layers_per_block, num_blocks, "layers_per_block")
-        depths = per_block(transformer_layers_per_block, num_blocks, "transformer_layers_per_block")
-        if reverse_transformer_layers_per_block is None:
-            if any(isinstance(depth, list | tuple) for depth in depths):
-                raise LDMKitError("Per-layer transformer_layers_per_block needs "
-                                  "reverse_transformer_layers_per_block for the up blocks (they have one "
-                                  "layer more).")
-            reverse_depths = depths[::-1]
-        else:
-            reverse_depths = per_block(reverse_transformer_layers_per_block, num_blocks,
-                                       "reverse_transformer_layers_per_block")
-        self._cross_attention_dims = set(cross_dims)
+        levels, up_levels = _level_options(self.config, num_blocks)
+        self._cross_attention_dims = set(levels["cross_attention_dim"])
         self._downsample_factor = 2 ** (num_blocks - 1)
 
-        time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
-        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn)
-        self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
-
-        shared = {"temb_channels": time_embed_dim, "resnet_eps": norm_eps, "resnet_act_fn": act_fn,
-                  "resnet_groups": norm_num_groups, "resnet_time_scale_shift": resnet_time_scale_shift,
-                  "dropout": dropout, "use_linear_projection": use_linear_projection,
+        time_embed_dim = build_stem(self, in_channels, block_out_channels[0], flip_sin_to_cos, freq_shift,
+                                    time_embedding_dim, num_class_embeds, act_fn)
+        shared = {**block_options(self.config, time_embed_dim), "use_linear_projection": use_linear_projection,
                   "upcast_attention": upcast_attention}
-        self.down_blocks = nn.ModuleList()
-        out_ch = block_out_channels[0]
-        for i, block_type in enumerate(down_block_types):
-            in_ch, out_ch = out_ch, block_out_channels[i]
-            self.down_blocks.append(get_down_block(
-                block_type, in_channels=in_ch, out_channels=out_ch, num_layers=layers[i],
-                add_downsample=i < num_blocks - 1, downsample_padding=downsample_padding,
-                num_attention_heads=heads[i], attention_head_dim=head_dims[i] or out_ch,
-                cross_attention_dim=cross_dims[i], transformer_layers_per_block=depths[i], **shared))
-
+        self.down_blocks = build_down_blocks(down_block_types, block_out_channels, levels,
+                                             downsample_padding=downsample_padding, **shared)
         self.mid_block = UNetMidBlock2DCrossAttn(
-            block_out_channels[-1], output_scale_factor=mid_block_scale_factor, num_attention_heads=heads[-1],
-            cross_attention_dim=cross_dims[-1], transformer_layers_per_block=depths[-1], **shared)
-
-        self.up_blocks = nn.ModuleList()
-        reversed_channels = list(reversed(block_out_channels))
-        out_ch = reversed_channels[0]
-        for i, block_type in enumerate(up_block_types):
-            prev_ch, out_ch = out_ch, reversed_channels[i]
-            skip_ch = reversed_channels[min(i + 1, num_blocks - 1)]
-            self.up_blocks.append(get_up_block(
-                block_type, in_channels=skip_ch, prev_output_channel=prev_ch, out_channels=out_ch,
-                num_layers=layers[::-1][i] + 1, add_upsample=i < num_blocks - 1,
-                num_attention_heads=heads[::-1][i], attention_head_dim=head_dims[::-1][i] or out_ch,
-                cross_attention_dim=cross_dims[::-1][i], transformer_layers_per_block=reverse_depths[i],
-                **shared))
-
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
-        self.conv_act = get_activation(act_fn)
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+            block_out_channels[-1], output_scale_factor=mid_block_scale_factor,
+            num_attention_heads=levels["num_attention_heads"][-1],
+            cross_attention_dim=levels["cross_attention_dim"][-1],
+            transformer_layers_per_block=levels["transformer_layers_per_block"][-1], **shared)
+        self.up_blocks = build_up_blocks(up_block_types, block_out_channels, up_levels, **shared)
+        build_head(self, block_out_channels[0], out_channels, norm_num_groups, norm_eps, act_fn)
 
     def forward(
         self,
@@ -181,26 +153,12 @@ class UNet2DConditionModel(ModelMixin):
         encoder_attention_mask: optional ``(B, L)``, 1 for tokens to attend to and 0 for padding.
         """
         self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask)
-        batch = sample.shape[0]
-        if self.config.center_input_sample:
-            sample = 2 * sample - 1.0
-
-        emb = embed_time_and_class(self, timestep, class_labels, batch, sample)
-
         mask_bias = None
         if encoder_attention_mask is not None:
             # 1 = keep, 0 = drop, as an additive bias on the attention scores, broadcast over heads / queries.
             mask_bias = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0)[:, None, None, :]
 
-        hidden_states = self.conv_in(sample)
-        skips = [hidden_states]
-        for block in self.down_blocks:
-            hidden_states, block_skips = block(hidden_states, emb, encoder_hidden_states, mask_bias)
-            skips.extend(block_skips)
-        hidden_states = self.mid_block(hidden_states, emb, encoder_hidden_states, mask_bias)
-        for block in self.up_blocks:
-            hidden_states = block(hidden_states, skips, emb, encoder_hidden_states, mask_bias)
-        hidden_states = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))
+        hidden_states = denoise(self, sample, timestep, class_labels, encoder_hidden_states, mask_bias)
         return UNet2DConditionOutput(sample=hidden_states) if return_dict else (hidden_states,)
 
     def _check_inputs(self, sample, encoder_hidden_states, encoder_attention_mask) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..randomness import randn_tensor
-from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from .unet_2d_blocks import UNetMidBlock2D, build_down_blocks, build_up_blocks
 
 
 @dataclass
@@ -30,15 +30,10 @@ class Encoder(nn.Module):
                  double_z: bool = True, mid_block_add_attention: bool = True):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.ModuleList()
-        out_ch = block_out_channels[0]
-        for i, block_type in enumerate(down_block_types):
-            in_ch, out_ch = out_ch, block_out_channels[i]
-            # padding 0 + a one-pixel right/bottom pad: the original LDM encoder's downsampling.
-            self.down_blocks.append(get_down_block(
-                block_type, in_channels=in_ch, out_channels=out_ch, num_layers=layers_per_block,
-                add_downsample=i < len(block_out_channels) - 1, downsample_padding=0, resnet_eps=1e-6,
-                resnet_act_fn=act_fn, resnet_groups=norm_num_groups, temb_channels=None))
+        # padding 0 + a one-pixel right/bottom pad: the original LDM encoder's downsampling.
+        self.down_blocks = build_down_blocks(down_block_types, block_out_channels, num_layers=layers_per_block,
+                                             downsample_padding=0, resnet_eps=1e-6, resnet_act_fn=act_fn,
+                                             resnet_groups=norm_num_groups, temb_channels=None)
         self.mid_block = _autoencoder_mid_block(block_out_channels[-1], norm_num_groups, act_fn,
                                                 mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1], eps=1e-6)
@@ -65,15 +60,9 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, padding=1)
         self.mid_block = _autoencoder_mid_block(block_out_channels[-1], norm_num_groups, act_fn,
                                                 mid_block_add_attention)
-        self.up_blocks = nn.ModuleList()
-        reversed_channels = list(reversed(block_out_channels))
-        out_ch = reversed_channels[0]
-        for i, block_type in enumerate(up_block_types):
-            prev_ch, out_ch = out_ch, reversed_channels[i]
-            self.up_blocks.append(get_up_block(
-                block_type, in_channels=prev_ch, prev_output_channel=prev_ch, out_channels=out_ch,
-                num_layers=layers_per_block + 1, add_upsample=i < len(block_out_channels) - 1,
-                resnet_eps=1e-6, resnet_act_fn=act_fn, resnet_groups=norm_num_groups, temb_channels=None))
+        self.up_blocks = build_up_blocks(up_block_types, block_out_channels, skip_connections=False,
+                                         num_layers=layers_per_block + 1, resnet_eps=1e-6, resnet_act_fn=act_fn,
+                                         resnet_groups=norm_num_groups, temb_channels=None)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
