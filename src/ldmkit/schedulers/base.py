@@ -24,6 +24,7 @@ from ..configuration import DIFFUSERS_LAYOUT_VERSION, ConfigMixin, FrozenDict
 from ..errors import LDMKitError
 from ..loading.hub import resolve_folder
 from ..randomness import randn_tensor as randn  # noqa: F401  (the one noise-drawing function; used by the steps)
+from .predictions import PREDICTION_TYPES, bad_prediction_type
 
 logger = logging.getLogger("ldmkit")
 
@@ -191,35 +192,8 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model output conversions and thresholding
+# Thresholding and forward diffusion (model output conversions: predictions.py)
 # ---------------------------------------------------------------------------------------------------------
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def predict_x0_and_eps(model_output, sample, alpha_prod_t, prediction_type: str):
-    """x_0 and eps from a model output at noise level ``alpha_bar_t``, using
-    ``x_t = sqrt(a) x_0 + sqrt(1-a) eps`` (Ho et al. 2020, eq. 4) and for ``v_prediction``
-    ``v = sqrt(a) eps - sqrt(1-a) x_0`` (Salimans & Ho 2022, sec. 4)."""
-    beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "epsilon":
-        x0 = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        eps = model_output
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
-    elif prediction_type == "v_prediction":
-        x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
-        eps = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
-    else:
-        raise bad_prediction_type(prediction_type)
-    return x0, eps
-
-
-def bad_prediction_type(prediction_type, allowed=PREDICTION_TYPES) -> LDMKitError:
-    return LDMKitError(f"Unknown prediction_type {prediction_type!r}; use one of {', '.join(allowed)} "
-                       "(what the model was trained to predict; see the model's scheduler_config.json).")
-
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per sample, ``s`` is the ``ratio``
