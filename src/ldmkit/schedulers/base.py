@@ -292,6 +292,16 @@ class SchedulerMixin(ConfigMixin):
         if self.config.prediction_type not in allowed:
             raise bad_prediction_type(self.config.prediction_type, allowed)
 
+    def _clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """x_0 after dynamic thresholding (``thresholding``) or clipping to ``clip_sample_range``
+        (``clip_sample``), for the schedulers that have both options (DDIM, DDPM)."""
+        cfg = self.config
+        if cfg.thresholding:
+            return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        if cfg.clip_sample:
+            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0
+
     def _require_timesteps(self) -> None:
         if self.num_inference_steps is None:
             raise LDMKitError(f"{type(self).__name__}.step() called before set_timesteps(). "

@@ -9,7 +9,6 @@ from .base import (
     SchedulerMixin,
     SchedulerOutput,
     check_num_inference_steps,
-    dynamic_threshold,
     randn,
     spaced_timesteps,
 )
@@ -127,10 +126,7 @@ class DDIMScheduler(SchedulerMixin):
 
         alpha_t, sigma_t = alpha_sigma(alpha_prod_t)
         x0, eps = to_x0_and_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)
-        if self.config.thresholding:
-            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        elif self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x0 = self._clip_x0(x0)
 
         std_dev_t = eta * ddim_sigma(alpha_prod_t, alpha_prod_t_prev) ** (0.5)
         if use_clipped_model_output:

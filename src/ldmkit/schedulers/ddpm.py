@@ -11,7 +11,6 @@ from .base import (
     SchedulerMixin,
     SchedulerOutput,
     check_num_inference_steps,
-    dynamic_threshold,
     randn,
     spaced_timesteps,
 )
@@ -173,10 +172,7 @@ class DDPMScheduler(SchedulerMixin):
         alpha_prod_t = self.alphas_cumprod[t]
         alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         x0 = to_x0(model_output, sample, *alpha_sigma(alpha_prod_t), self.config.prediction_type)
-        if self.config.thresholding:
-            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        elif self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x0 = self._clip_x0(x0)
 
         prev_sample = posterior_mean(x0, sample, alpha_prod_t, alpha_prod_t_prev)
         if t > 0:

@@ -108,18 +108,15 @@ def dpm_solver_3s(x, m0, m1, m2, t, s2, h, h_0, h_1, algorithm_type: str, solver
 class _DPMSolverBase(VPSigmaMixin):
     """Noise schedule, sigmas and model output conversion shared by the multistep and singlestep solvers."""
 
+    _prediction_types = DPM_PREDICTION_TYPES
+
     def _init_dpm(self, rescale_betas_zero_snr: bool = False) -> None:
         cfg = self.config
-        self._check_sigma_options()
-        if cfg.final_sigmas_type not in ("zero", "sigma_min"):
-            raise LDMKitError(f"Unknown final_sigmas_type {cfg.final_sigmas_type!r}; use zero or sigma_min.")
-        if cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver") and cfg.final_sigmas_type == "zero":
+        if self._own("algorithm_type") in ("dpmsolver", "sde-dpmsolver") and cfg.final_sigmas_type == "zero":
             raise LDMKitError(f"final_sigmas_type='zero' is not supported with algorithm_type="
                               f"{cfg.algorithm_type!r}; set final_sigmas_type='sigma_min' or use "
                               "dpmsolver++.")
-        self._init_noise_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                                  cfg.trained_betas, rescale_betas_zero_snr)
-        self._check_prediction_type(DPM_PREDICTION_TYPES)
+        self._init_sigma_scheduler(rescale_betas_zero_snr)
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)

@@ -62,14 +62,9 @@ class EulerDiscreteScheduler(VESigmaMixin):
         final_sigmas_type: str = "zero",
     ):
         self.register_config(locals())
-        self._check_sigma_options()
-        self._check_prediction_type(self._prediction_types)
         if interpolation_type not in ("linear", "log_linear"):
             raise LDMKitError(f"Unknown interpolation_type {interpolation_type!r}; use linear or log_linear.")
-        if final_sigmas_type not in ("zero", "sigma_min"):
-            raise LDMKitError(f"Unknown final_sigmas_type {final_sigmas_type!r}; use zero or sigma_min.")
-        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                  rescale_betas_zero_snr)
+        self._init_sigma_scheduler(rescale_betas_zero_snr)
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
         T = num_train_timesteps
         timesteps = torch.from_numpy(np.linspace(0, T - 1, T)[::-1].copy())
@@ -165,9 +160,7 @@ class EulerAncestralDiscreteScheduler(VESigmaMixin):
         rescale_betas_zero_snr: bool = False,
     ):
         self.register_config(locals())
-        self._check_prediction_type(self._prediction_types)
-        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                  rescale_betas_zero_snr)
+        self._init_sigma_scheduler(rescale_betas_zero_snr)
         sigmas = np.concatenate([training_sigmas(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)
         self.sigmas = torch.from_numpy(sigmas)
         self.num_inference_steps = None

@@ -50,9 +50,7 @@ class LMSDiscreteScheduler(VESigmaMixin):
         steps_offset: int = 0,
     ):
         self.register_config(locals())
-        self._check_sigma_options()
-        self._check_prediction_type(self._prediction_types)
-        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self._init_sigma_scheduler()
         self.use_karras_sigmas = use_karras_sigmas
         self.set_timesteps(num_train_timesteps, None)
         self.is_scale_input_called = False

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import LDMKitError
 from .base import SchedulerMixin, broadcast_to, check_num_inference_steps, spaced_timesteps
+from .predictions import PREDICTION_TYPES
 
 logger = logging.getLogger("ldmkit")
 
@@ -207,6 +208,17 @@ class SigmaSchedulerMixin(SchedulerMixin):
     # -- the one argument check and the one schedule builder ---------------------------------------------
 
     _timestep_dtype = np.float32  # of the timesteps given to the network (int64 for DPM-Solver / UniPC)
+    _prediction_types = PREDICTION_TYPES
+
+    def _init_sigma_scheduler(self, rescale_betas_zero_snr: bool = False) -> None:
+        """The config checks every sigma scheduler makes, then the training noise schedule."""
+        cfg = self.config
+        self._check_sigma_options()
+        self._check_prediction_type(self._prediction_types)
+        if "final_sigmas_type" in self._config_fields() and cfg.final_sigmas_type not in ("zero", "sigma_min"):
+            raise LDMKitError(f"Unknown final_sigmas_type {cfg.final_sigmas_type!r}; use zero or sigma_min.")
+        self._init_noise_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
+                                  cfg.trained_betas, rescale_betas_zero_snr)
 
     def _init_noise_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              rescale_betas_zero_snr=False) -> None:
