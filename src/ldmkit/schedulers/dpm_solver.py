@@ -50,10 +50,15 @@ def dpm_convert_model_output(model_output, sample, alpha_t, sigma_t, prediction_
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _step(x, terms, t, s, h, algorithm_type: str, noise, midpoint: bool = False):
+    # closed_form: e^z - 1 and the phi functions formed as diffusers' DPM-Solver forms them.
+    return exponential_step(x, terms, t, s, h, algorithm_type, noise, midpoint, closed_form=True)
+
+
 def dpm_solver_first_order(x, m, t, s, h, algorithm_type: str, noise=None):
     """First-order step ``s -> t`` (= DDIM): DPM-Solver++ eq. 8 ``x_t = sigma_t/sigma_s x - alpha_t (e^-h - 1)
     x0``; DPM-Solver eq. 3.7 ``x_t = alpha_t/alpha_s x - sigma_t (e^h - 1) eps``; and their SDE versions."""
-    return exponential_step(x, [m], t, s, h, algorithm_type, noise, expm1=False)
+    return _step(x, [m], t, s, h, algorithm_type, noise)
 
 
 def dpm_solver_2m(x, m0, m1, t, s0, h, h_0, algorithm_type: str, solver_type: str, noise=None):
@@ -62,7 +67,7 @@ def dpm_solver_2m(x, m0, m1, t, s0, h, h_0, algorithm_type: str, solver_type: st
     ``D1 = (m0 - m1) / r0`` with ``r0 = h_0 / h``; ``midpoint`` or ``heun`` weights for D1."""
     r0 = h_0 / h
     D0, D1 = m0, (1.0 / r0) * (m0 - m1)
-    return exponential_step(x, [D0, D1], t, s0, h, algorithm_type, noise, solver_type == "midpoint", False)
+    return _step(x, [D0, D1], t, s0, h, algorithm_type, noise, midpoint=solver_type == "midpoint")
 
 
 def dpm_solver_3m(x, m0, m1, m2, t, s0, h, h_0, h_1, algorithm_type: str, noise=None):
@@ -75,7 +80,7 @@ def dpm_solver_3m(x, m0, m1, m2, t, s0, h, h_0, h_1, algorithm_type: str, noise=
     D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
     D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
     D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
-    return exponential_step(x, [m0, D1, D2], t, s0, h, algorithm_type, noise, expm1=False)
+    return _step(x, [m0, D1, D2], t, s0, h, algorithm_type, noise)
 
 
 def dpm_solver_2s(x, m0, m1, t, s1, h, h_0, algorithm_type: str, solver_type: str, noise=None):
@@ -84,7 +89,7 @@ def dpm_solver_2s(x, m0, m1, t, s1, h, h_0, algorithm_type: str, solver_type: st
     ``h_0 = lambda_s0 - lambda_s1``."""
     r0 = h_0 / h
     D0, D1 = m1, (1.0 / r0) * (m0 - m1)
-    return exponential_step(x, [D0, D1], t, s1, h, algorithm_type, noise, solver_type == "midpoint", False)
+    return _step(x, [D0, D1], t, s1, h, algorithm_type, noise, midpoint=solver_type == "midpoint")
 
 
 def dpm_solver_3s(x, m0, m1, m2, t, s2, h, h_0, h_1, algorithm_type: str, solver_type: str, noise=None):
@@ -94,10 +99,10 @@ def dpm_solver_3s(x, m0, m1, m2, t, s2, h, h_0, h_1, algorithm_type: str, solver
     r0, r1 = h_0 / h, h_1 / h
     D1_0, D1_1 = (1.0 / r1) * (m1 - m2), (1.0 / r0) * (m0 - m2)
     if solver_type == "midpoint":
-        return exponential_step(x, [m2, D1_1], t, s2, h, algorithm_type, noise, expm1=False)
+        return _step(x, [m2, D1_1], t, s2, h, algorithm_type, noise)
     D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
     D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
-    return exponential_step(x, [m2, D1, D2], t, s2, h, algorithm_type, noise, expm1=False)
+    return _step(x, [m2, D1, D2], t, s2, h, algorithm_type, noise)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,8 +141,8 @@ class _DPMSolverBase(VPSigmaMixin):
             self._flow_shift = float(np.exp(mu))
 
     def _last_timestep(self) -> int:
-        """One past the noisiest training step the solver starts from: ``lambda_min_clipped`` cuts off the
-        steps of lower half log-SNR (for the numerical stability of cosine schedules)."""
+        """One past the noisiest training step the schedule may start at: ``lambda_min_clipped`` drops the
+        steps whose half log-SNR lambda is below it (for the numerical stability of cosine schedules)."""
         T = self.config.num_train_timesteps
         if self._own("lambda_min_clipped") is None:
             return T

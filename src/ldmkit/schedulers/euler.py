@@ -9,7 +9,7 @@ import torch
 
 from ..errors import LDMKitError
 from .base import SchedulerOutput, randn
-from .predictions import sigma_to_x0
+from .predictions import ve_denoised
 from .sigmas import VESigmaMixin, sigma_to_t, training_sigmas
 
 
@@ -128,7 +128,7 @@ class EulerDiscreteScheduler(VESigmaMixin):
             sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
 
         pt = self.config.prediction_type
-        denoised = sigma_to_x0(model_output, sample, sigma_hat if pt == "epsilon" else sigma, pt)
+        denoised = ve_denoised(model_output, sample, sigma_hat if pt == "epsilon" else sigma, pt)
         derivative = to_d(sample, denoised, sigma_hat)
         prev_sample = sample + derivative * (self.sigmas[self.step_index + 1] - sigma_hat)
         prev_sample = prev_sample.to(model_output.dtype)
@@ -188,7 +188,7 @@ class EulerAncestralDiscreteScheduler(VESigmaMixin):
             self._init_step_index(timestep)
         sigma = self.sigmas[self.step_index]
         sample = sample.to(torch.float32)
-        denoised = sigma_to_x0(model_output, sample, sigma, self.config.prediction_type)
+        denoised = ve_denoised(model_output, sample, sigma, self.config.prediction_type)
         sigma_up, sigma_down = ancestral_step_sigmas(sigma, self.sigmas[self.step_index + 1])
         prev_sample = sample + to_d(sample, denoised, sigma) * (sigma_down - sigma)
         noise = randn(model_output.shape, dtype=model_output.dtype, device=model_output.device,

@@ -8,7 +8,7 @@ import torch
 
 from .base import SchedulerOutput
 from .euler import to_d
-from .predictions import sigma_to_x0
+from .predictions import ve_denoised
 from .sigmas import VESigmaMixin
 
 
@@ -85,7 +85,7 @@ class HeunDiscreteScheduler(VESigmaMixin):
             sigma, sigma_next = self.sigmas[self.step_index - 1], self.sigmas[self.step_index]
         sigma_hat = sigma * (0 + 1)  # no churn
         sigma_input = sigma_hat if first else sigma_next
-        denoised = sigma_to_x0(model_output, sample, sigma_input, self.config.prediction_type)
+        denoised = ve_denoised(model_output, sample, sigma_input, self.config.prediction_type)
         if self.config.clip_sample:
             denoised = denoised.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
 

@@ -9,7 +9,7 @@ import torch
 
 from .base import SchedulerOutput
 from .euler import to_d
-from .predictions import sigma_to_x0
+from .predictions import ve_denoised
 from .sigmas import VESigmaMixin
 
 
@@ -77,7 +77,7 @@ class LMSDiscreteScheduler(VESigmaMixin):
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma = self.sigmas[self.step_index]
-        denoised = sigma_to_x0(model_output, sample, sigma, self.config.prediction_type)
+        denoised = ve_denoised(model_output, sample, sigma, self.config.prediction_type)
         self.derivatives.append(to_d(sample, denoised, sigma))
         if len(self.derivatives) > order:
             self.derivatives.pop(0)

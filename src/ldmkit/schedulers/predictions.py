@@ -6,7 +6,8 @@ Alpha space (variance preserving; DDPM, DDIM, PNDM, DPM-Solver, UniPC): ``x_t = 
 sigmas ``alpha_t = 1 - sigma_t`` and the network predicts ``v = eps - x_0`` (``flow_prediction``).
 
 Sigma space (variance exploding; Euler, Heun, LMS): ``x = x_0 + sigma eps``, and the network saw the scaled input
-``x / sqrt(sigma^2 + 1)`` (Karras et al. 2022, Table 1, VP column); the column gives the denoiser ``D(x; sigma)``.
+``x / sqrt(sigma^2 + 1)`` (Karras et al. 2022, Table 1, VP column); the ``ve_x0`` column is the denoiser
+``D(x; sigma)``.
 """
 
 from __future__ import annotations
@@ -25,27 +26,27 @@ class Conversion(NamedTuple):
 
     x0: Callable
     eps: Callable | None
-    sigma_x0: Callable | None
+    ve_x0: Callable | None
 
 
-_SAMPLE = Conversion(x0=lambda m, x, a, s: m, eps=lambda m, x, a, s: (x - a * m) / s, sigma_x0=lambda m, x, sigma: m)
+_SAMPLE = Conversion(x0=lambda m, x, a, s: m, eps=lambda m, x, a, s: (x - a * m) / s, ve_x0=lambda m, x, sigma: m)
 
 CONVERSIONS: dict[str, Conversion] = {
     "epsilon": Conversion(
         x0=lambda m, x, a, s: (x - s * m) / a,
         eps=lambda m, x, a, s: m,
-        sigma_x0=lambda m, x, sigma: x - sigma * m,
+        ve_x0=lambda m, x, sigma: x - sigma * m,
     ),
     "v_prediction": Conversion(
         x0=lambda m, x, a, s: a * x - s * m,
         eps=lambda m, x, a, s: a * m + s * x,
-        # x_0 = alpha x_vp - sigma_vp v with x_vp = x / sqrt(sigma^2 + 1), alpha = 1 / sqrt(sigma^2 + 1).
-        sigma_x0=lambda m, x, sigma: m * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1)),
+        # x_0 = alpha_vp x_vp - sigma_vp v with x_vp = x / sqrt(sigma^2 + 1) = alpha_vp x, sigma_vp = sigma alpha_vp.
+        ve_x0=lambda m, x, sigma: m * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1)),
     ),
     "sample": _SAMPLE,
     "original_sample": _SAMPLE,  # diffusers' older name for "sample" (Euler, Heun, LMS accept it)
     # Rectified flow: x = (1 - sigma) x_0 + sigma eps, so x_0 = x - sigma v (sigma_t is sigma there).
-    "flow_prediction": Conversion(x0=lambda m, x, a, s: x - s * m, eps=None, sigma_x0=None),
+    "flow_prediction": Conversion(x0=lambda m, x, a, s: x - s * m, eps=None, ve_x0=None),
 }
 
 
@@ -84,6 +85,6 @@ def to_x0_and_eps(model_output, sample, alpha_t, sigma_t, prediction_type: str):
             to_eps(model_output, sample, alpha_t, sigma_t, prediction_type))
 
 
-def sigma_to_x0(model_output, sample, sigma, prediction_type: str):
+def ve_denoised(model_output, sample, sigma, prediction_type: str):
     """The denoiser ``D(x; sigma)`` (the x_0 estimate) of a sigma-space sample ``x = x_0 + sigma eps``."""
-    return _column(prediction_type, "sigma_x0")(model_output, sample, sigma)
+    return _column(prediction_type, "ve_x0")(model_output, sample, sigma)
