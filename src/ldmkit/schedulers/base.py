@@ -25,6 +25,7 @@ from ..errors import LDMKitError
 from ..loading.hub import resolve_folder
 from ..randomness import randn_tensor as randn  # noqa: F401  (the one noise-drawing function; used by the steps)
 from ..registry import COMPONENTS
+from .predictions import PREDICTION_TYPES, bad_prediction_type
 
 logger = logging.getLogger("ldmkit")
 
@@ -192,35 +193,8 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model output conversions and thresholding
+# Thresholding and forward diffusion (model output conversions: predictions.py)
 # ---------------------------------------------------------------------------------------------------------
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def predict_x0_and_eps(model_output, sample, alpha_prod_t, prediction_type: str):
-    """x_0 and eps from a model output at noise level ``alpha_bar_t``, using
-    ``x_t = sqrt(a) x_0 + sqrt(1-a) eps`` (Ho et al. 2020, eq. 4) and for ``v_prediction``
-    ``v = sqrt(a) eps - sqrt(1-a) x_0`` (Salimans & Ho 2022, sec. 4)."""
-    beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "epsilon":
-        x0 = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        eps = model_output
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
-    elif prediction_type == "v_prediction":
-        x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
-        eps = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
-    else:
-        raise bad_prediction_type(prediction_type)
-    return x0, eps
-
-
-def bad_prediction_type(prediction_type, allowed=PREDICTION_TYPES) -> LDMKitError:
-    return LDMKitError(f"Unknown prediction_type {prediction_type!r}; use one of {', '.join(allowed)} "
-                       "(what the model was trained to predict; see the model's scheduler_config.json).")
-
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per sample, ``s`` is the ``ratio``
@@ -319,6 +293,16 @@ class SchedulerMixin(ConfigMixin):
     def _check_prediction_type(self, allowed=PREDICTION_TYPES) -> None:
         if self.config.prediction_type not in allowed:
             raise bad_prediction_type(self.config.prediction_type, allowed)
+
+    def _clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """x_0 after dynamic thresholding (``thresholding``) or clipping to ``clip_sample_range``
+        (``clip_sample``), for the schedulers that have both options (DDIM, DDPM)."""
+        cfg = self.config
+        if cfg.thresholding:
+            return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        if cfg.clip_sample:
+            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0
 
     def _require_timesteps(self) -> None:
         if self.num_inference_steps is None:

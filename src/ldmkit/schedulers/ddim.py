@@ -9,11 +9,10 @@ from .base import (
     SchedulerMixin,
     SchedulerOutput,
     check_num_inference_steps,
-    dynamic_threshold,
-    predict_x0_and_eps,
     randn,
     spaced_timesteps,
 )
+from .predictions import alpha_sigma, to_eps, to_x0_and_eps
 
 
 def ddim_sigma(alpha_prod_t, alpha_prod_t_prev):
@@ -125,15 +124,13 @@ class DDIMScheduler(SchedulerMixin):
         alpha_prod_t = self.alphas_cumprod[t]
         alpha_prod_t_prev = self._alpha_prev(prev_t)
 
-        x0, eps = predict_x0_and_eps(model_output, sample, alpha_prod_t, self.config.prediction_type)
-        if self.config.thresholding:
-            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        elif self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        alpha_t, sigma_t = alpha_sigma(alpha_prod_t)
+        x0, eps = to_x0_and_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)
+        x0 = self._clip_x0(x0)
 
         std_dev_t = eta * ddim_sigma(alpha_prod_t, alpha_prod_t_prev) ** (0.5)
         if use_clipped_model_output:
-            eps = (sample - alpha_prod_t ** (0.5) * x0) / (1 - alpha_prod_t) ** (0.5)
+            eps = to_eps(x0, sample, alpha_t, sigma_t, "sample")
         prev_sample = ddim_step(x0, eps, alpha_prod_t_prev, std_dev_t)
 
         if eta > 0:

@@ -11,11 +11,10 @@ from .base import (
     SchedulerMixin,
     SchedulerOutput,
     check_num_inference_steps,
-    dynamic_threshold,
-    predict_x0_and_eps,
     randn,
     spaced_timesteps,
 )
+from .predictions import alpha_sigma, to_x0
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                   "learned_range")
@@ -172,11 +171,8 @@ class DDPMScheduler(SchedulerMixin):
 
         alpha_prod_t = self.alphas_cumprod[t]
         alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-        x0, _ = predict_x0_and_eps(model_output, sample, alpha_prod_t, self.config.prediction_type)
-        if self.config.thresholding:
-            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        elif self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x0 = to_x0(model_output, sample, *alpha_sigma(alpha_prod_t), self.config.prediction_type)
+        x0 = self._clip_x0(x0)
 
         prev_sample = posterior_mean(x0, sample, alpha_prod_t, alpha_prod_t_prev)
         if t > 0:

@@ -6,7 +6,8 @@ Notation: ``alpha_t = 1 / sqrt(sigma^2 + 1)``, ``sigma_t = sigma alpha_t``,
 ``lambda = log(alpha_t / sigma_t)``, ``h = lambda_t - lambda_s`` for a step ``s -> t``. ``dpmsolver++``
 integrates the data-prediction (x_0) form, ``dpmsolver`` the noise-prediction (eps) form; the ``sde-``
 variants are the SDE solvers of DPM-Solver++ sec. 5 (noise drawn at every step). ``m`` are converted model
-outputs (x_0 or eps), newest last.
+outputs (x_0 or eps), newest last. The updates themselves are :func:`exponential.exponential_step`; the
+functions here form its Taylor terms ``D0, D1, D2`` from the history.
 """
 
 from __future__ import annotations
@@ -15,144 +16,71 @@ import numpy as np
 import torch
 
 from ..errors import LDMKitError
-from .base import SchedulerOutput, check_num_inference_steps, dynamic_threshold, randn
-from .sigmas import VPSigmaMixin, flow_sigmas, sigma_to_t, training_sigmas
+from .base import SchedulerOutput, dynamic_threshold, randn
+from .exponential import ALGORITHM_TYPES, exponential_step
+from .predictions import to_eps, to_x0
+from .sigmas import VPSigmaMixin, flow_sigmas, multistep_timesteps
 
-ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
 DPM_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Model output conversion
-# ---------------------------------------------------------------------------------------------------------
-
-
-def dpm_convert_model_output(model_output, sample, sigma, alpha_t, sigma_t, prediction_type: str,
+def dpm_convert_model_output(model_output, sample, alpha_t, sigma_t, prediction_type: str,
                              data_prediction: bool, threshold=None):
     """The x_0 (``data_prediction``, DPM-Solver++ sec. 4) or eps (DPM-Solver) the solver integrates.
 
-    ``threshold`` is ``(ratio, max_value)`` for dynamic thresholding of x_0 (DPM-Solver++ sec. 4), or None.
+    ``threshold`` is ``(ratio, max_value)`` for dynamic thresholding of x_0 (DPM-Solver++ sec. 4), or None; in
+    the eps form the thresholded x_0 is turned back into eps.
     """
     if data_prediction:
-        if prediction_type == "epsilon":
-            x0 = (sample - sigma_t * model_output) / alpha_t
-        elif prediction_type == "sample":
-            x0 = model_output
-        elif prediction_type == "v_prediction":
-            x0 = alpha_t * sample - sigma_t * model_output
-        elif prediction_type == "flow_prediction":
-            x0 = sample - sigma * model_output
-        else:
-            raise LDMKitError(f"Unknown prediction_type {prediction_type!r}; "
-                              f"use {', '.join(DPM_PREDICTION_TYPES)}.")
-        if threshold is not None:
-            x0 = dynamic_threshold(x0, *threshold)
-        return x0
-    if prediction_type == "epsilon":
-        eps = model_output
-    elif prediction_type == "sample":
-        eps = (sample - alpha_t * model_output) / sigma_t
-    elif prediction_type == "v_prediction":
-        eps = alpha_t * model_output + sigma_t * sample
-    else:
-        raise LDMKitError(f"prediction_type {prediction_type!r} is not supported by the noise-prediction "
-                          "algorithm dpmsolver; use epsilon, sample or v_prediction, or dpmsolver++.")
+        x0 = to_x0(model_output, sample, alpha_t, sigma_t, prediction_type)
+        return x0 if threshold is None else dynamic_threshold(x0, *threshold)
+    if prediction_type == "flow_prediction":
+        raise LDMKitError("prediction_type 'flow_prediction' is not supported by the noise-prediction algorithm "
+                          "dpmsolver; use epsilon, sample or v_prediction, or dpmsolver++.")
+    eps = to_eps(model_output, sample, alpha_t, sigma_t, prediction_type)
     if threshold is not None:
-        x0 = dynamic_threshold((sample - sigma_t * eps) / alpha_t, *threshold)
-        eps = (sample - alpha_t * x0) / sigma_t
+        x0 = dynamic_threshold(to_x0(eps, sample, alpha_t, sigma_t, "epsilon"), *threshold)
+        eps = to_eps(x0, sample, alpha_t, sigma_t, "sample")
     return eps
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Updates. (alpha, sigma) pairs are the alpha_t / sigma_t of the named points.
+# Taylor terms and updates. (alpha, sigma) pairs are the alpha_t / sigma_t of the named points.
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _step(x, terms, t, s, h, algorithm_type: str, noise, midpoint: bool = False):
+    # closed_form: e^z - 1 and the phi functions formed as diffusers' DPM-Solver forms them.
+    return exponential_step(x, terms, t, s, h, algorithm_type, noise, midpoint, closed_form=True)
+
+
 def dpm_solver_first_order(x, m, t, s, h, algorithm_type: str, noise=None):
-    """First-order step ``s -> t`` (= DDIM): DPM-Solver++ eq. 8
-    ``x_t = sigma_t/sigma_s x - alpha_t (e^-h - 1) x0``; DPM-Solver eq. 3.7
-    ``x_t = alpha_t/alpha_s x - sigma_t (e^h - 1) eps``; and their SDE versions."""
-    (alpha_t, sigma_t), (alpha_s, sigma_s) = t, s
-    if algorithm_type == "dpmsolver++":
-        return (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * m
-    if algorithm_type == "dpmsolver":
-        return (alpha_t / alpha_s) * x - (sigma_t * (torch.exp(h) - 1.0)) * m
-    if algorithm_type == "sde-dpmsolver++":
-        return ((sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * m
-                + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
-    if algorithm_type == "sde-dpmsolver":
-        return ((alpha_t / alpha_s) * x - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * m
-                + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
-    raise LDMKitError(f"Unknown algorithm_type {algorithm_type!r}; use one of {', '.join(ALGORITHM_TYPES)}.")
-
-
-def _second_order(x, D0, D1, t, s, h, algorithm_type: str, solver_type: str, noise=None):
-    """The second-order update from point ``s`` given ``D0`` (value) and ``D1`` (scaled first difference):
-    ``midpoint`` uses ``-(1/2) alpha_t (e^-h - 1) D1``, ``heun`` the exact ``phi_2`` weight
-    (DPM-Solver++ Alg. 2 / eq. 9; DPM-Solver Alg. 1 and App. B)."""
-    (alpha_t, sigma_t), (alpha_s, sigma_s) = t, s
-    mid = solver_type == "midpoint"
-    if algorithm_type == "dpmsolver++":
-        out = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
-        if mid:
-            return out - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
-        return out + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-    if algorithm_type == "dpmsolver":
-        out = (alpha_t / alpha_s) * x - (sigma_t * (torch.exp(h) - 1.0)) * D0
-        if mid:
-            return out - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * D1
-        return out - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
-    if algorithm_type == "sde-dpmsolver++":
-        out = (sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
-        if mid:
-            out = out + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
-        else:
-            out = out + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
-        return out + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
-    if algorithm_type == "sde-dpmsolver":
-        out = (alpha_t / alpha_s) * x - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * D0
-        if mid:
-            out = out - (sigma_t * (torch.exp(h) - 1.0)) * D1
-        else:
-            out = out - 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
-        return out + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
-    raise LDMKitError(f"Unknown algorithm_type {algorithm_type!r}; use one of {', '.join(ALGORITHM_TYPES)}.")
+    """First-order step ``s -> t`` (= DDIM): DPM-Solver++ eq. 8 ``x_t = sigma_t/sigma_s x - alpha_t (e^-h - 1)
+    x0``; DPM-Solver eq. 3.7 ``x_t = alpha_t/alpha_s x - sigma_t (e^h - 1) eps``; and their SDE versions."""
+    return _step(x, [m], t, s, h, algorithm_type, noise)
 
 
 def dpm_solver_2m(x, m0, m1, t, s0, h, h_0, algorithm_type: str, solver_type: str, noise=None):
     """Multistep second order (DPM-Solver++(2M), DPM-Solver++ Alg. 2): from ``s0`` to ``t`` with the
     outputs at ``s0`` (m0) and the previous point ``s1`` (m1), ``h_0 = lambda_s0 - lambda_s1``,
-    ``D1 = (m0 - m1) / r0`` with ``r0 = h_0 / h``."""
+    ``D1 = (m0 - m1) / r0`` with ``r0 = h_0 / h``; ``midpoint`` or ``heun`` weights for D1."""
     r0 = h_0 / h
     D0, D1 = m0, (1.0 / r0) * (m0 - m1)
-    return _second_order(x, D0, D1, t, s0, h, algorithm_type, solver_type, noise)
+    return _step(x, [D0, D1], t, s0, h, algorithm_type, noise, midpoint=solver_type == "midpoint")
 
 
 def dpm_solver_3m(x, m0, m1, m2, t, s0, h, h_0, h_1, algorithm_type: str, noise=None):
     """Multistep third order (DPM-Solver++(3M); DPM-Solver App. B): two scaled differences
     ``D1_0 = (m0 - m1) / r0``, ``D1_1 = (m1 - m2) / r1`` give ``D1`` and ``D2``."""
-    (alpha_t, sigma_t), (alpha_s0, sigma_s0) = t, s0
+    if algorithm_type == "sde-dpmsolver":
+        raise LDMKitError(f"solver_order=3 does not support algorithm_type {algorithm_type!r}; "
+                          "use dpmsolver++, dpmsolver or sde-dpmsolver++, or solver_order=2.")
     r0, r1 = h_0 / h, h_1 / h
-    D0 = m0
     D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
     D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
     D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
-    if algorithm_type == "dpmsolver++":
-        return ((sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
-                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-                - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2)
-    if algorithm_type == "dpmsolver":
-        return ((alpha_t / alpha_s0) * x - (sigma_t * (torch.exp(h) - 1.0)) * D0
-                - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
-                - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2)
-    if algorithm_type == "sde-dpmsolver++":
-        return ((sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * D0
-                + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
-                + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
-                + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
-    raise LDMKitError(f"solver_order=3 does not support algorithm_type {algorithm_type!r}; "
-                      "use dpmsolver++, dpmsolver or sde-dpmsolver++, or solver_order=2.")
+    return _step(x, [m0, D1, D2], t, s0, h, algorithm_type, noise)
 
 
 def dpm_solver_2s(x, m0, m1, t, s1, h, h_0, algorithm_type: str, solver_type: str, noise=None):
@@ -161,41 +89,20 @@ def dpm_solver_2s(x, m0, m1, t, s1, h, h_0, algorithm_type: str, solver_type: st
     ``h_0 = lambda_s0 - lambda_s1``."""
     r0 = h_0 / h
     D0, D1 = m1, (1.0 / r0) * (m0 - m1)
-    return _second_order(x, D0, D1, t, s1, h, algorithm_type, solver_type, noise)
+    return _step(x, [D0, D1], t, s1, h, algorithm_type, noise, midpoint=solver_type == "midpoint")
 
 
 def dpm_solver_3s(x, m0, m1, m2, t, s2, h, h_0, h_1, algorithm_type: str, solver_type: str, noise=None):
     """Singlestep third order (DPM-Solver-3, Lu et al. 2022 Alg. 2): one step from ``s2`` to ``t`` using
     outputs at ``s2`` (m2) and two intermediate points ``s1`` (m1), ``s0`` (m0); ``midpoint`` uses only the
     second intermediate difference (the paper's choice), ``heun`` both."""
-    (alpha_t, sigma_t), (alpha_s2, sigma_s2) = t, s2
     r0, r1 = h_0 / h, h_1 / h
-    D0 = m2
     D1_0, D1_1 = (1.0 / r1) * (m1 - m2), (1.0 / r0) * (m0 - m2)
+    if solver_type == "midpoint":
+        return _step(x, [m2, D1_1], t, s2, h, algorithm_type, noise)
     D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
     D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
-    mid = solver_type == "midpoint"
-    if algorithm_type == "dpmsolver++":
-        out = (sigma_t / sigma_s2) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
-        if mid:
-            return out + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1_1
-        return (out + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-                - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2)
-    if algorithm_type == "dpmsolver":
-        out = (alpha_t / alpha_s2) * x - (sigma_t * (torch.exp(h) - 1.0)) * D0
-        if mid:
-            return out - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1_1
-        return (out - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
-                - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2)
-    if algorithm_type == "sde-dpmsolver++":
-        out = (sigma_t / sigma_s2 * torch.exp(-h)) * x + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * D0
-        if mid:
-            out = out + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1_1
-        else:
-            out = (out + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
-                   + (alpha_t * ((1.0 - torch.exp(-2.0 * h) + (-2.0 * h)) / (-2.0 * h) ** 2 - 0.5)) * D2)
-        return out + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
-    raise LDMKitError(f"Unknown algorithm_type {algorithm_type!r} for the singlestep solver.")
+    return _step(x, [m2, D1, D2], t, s2, h, algorithm_type, noise)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,63 +110,18 @@ def dpm_solver_3s(x, m0, m1, m2, t, s2, h, h_0, h_1, algorithm_type: str, solver
 # ---------------------------------------------------------------------------------------------------------
 
 
-def multistep_timesteps(num_train_timesteps: int, last_timestep: int, n: int, spacing: str,
-                        steps_offset: int = 0) -> np.ndarray:
-    """The integer timesteps of the multistep solvers: like :func:`base.spaced_timesteps` but ``linspace``
-    and ``leading`` divide ``[0, last_timestep)`` into ``n + 1`` points and drop the last (t = 0).
-
-    Too many steps for the range repeat a timestep after rounding; the solver's step ``h = lambda_t - lambda_s``
-    is then 0 and it divides by zero (diffusers 0.42.1 returns NaN images for 1000 linspace steps). That is
-    an error here, naming the largest step count that works."""
-    timesteps = _multistep_timesteps(num_train_timesteps, last_timestep, n, spacing, steps_offset)
-    if len(np.unique(timesteps)) < len(timesteps) or (timesteps < 0).any():
-        usable = n - 1
-        while usable > 1 and not _distinct(_multistep_timesteps(num_train_timesteps, last_timestep, usable, spacing,
-                                                                steps_offset)):
-            usable -= 1
-        raise LDMKitError(f"num_inference_steps={n} with timestep_spacing={spacing!r} repeats timesteps over "
-                          f"{last_timestep} training steps, which these solvers cannot step over (they would "
-                          f"divide by zero). Use at most {usable} steps.")
-    return timesteps
-
-
-def _distinct(timesteps: np.ndarray) -> bool:
-    return len(np.unique(timesteps)) == len(timesteps) and not (timesteps < 0).any()
-
-
-def _multistep_timesteps(num_train_timesteps: int, last_timestep: int, n: int, spacing: str,
-                         steps_offset: int) -> np.ndarray:
-    if spacing == "linspace":
-        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    if spacing == "leading":
-        step_ratio = last_timestep // (n + 1)
-        timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
-        timesteps += steps_offset
-        return timesteps
-    if spacing == "trailing":
-        timesteps = np.arange(last_timestep, 0, -num_train_timesteps / n).round().copy().astype(np.int64)
-        timesteps -= 1
-        return timesteps
-    raise LDMKitError(f"Unknown timestep_spacing {spacing!r}; use linspace, leading or trailing.")
-
-
 class _DPMSolverBase(VPSigmaMixin):
     """Noise schedule, sigmas and model output conversion shared by the multistep and singlestep solvers."""
 
+    _prediction_types = DPM_PREDICTION_TYPES
+
     def _init_dpm(self, rescale_betas_zero_snr: bool = False) -> None:
         cfg = self.config
-        self._check_sigma_options()
-        if cfg.final_sigmas_type not in ("zero", "sigma_min"):
-            raise LDMKitError(f"Unknown final_sigmas_type {cfg.final_sigmas_type!r}; use zero or sigma_min.")
-        if cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver") and cfg.final_sigmas_type == "zero":
+        if self._own("algorithm_type") in ("dpmsolver", "sde-dpmsolver") and cfg.final_sigmas_type == "zero":
             raise LDMKitError(f"final_sigmas_type='zero' is not supported with algorithm_type="
                               f"{cfg.algorithm_type!r}; set final_sigmas_type='sigma_min' or use "
                               "dpmsolver++.")
-        self._init_noise_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                                  cfg.trained_betas, rescale_betas_zero_snr)
-        self._check_prediction_type(DPM_PREDICTION_TYPES)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
+        self._init_sigma_scheduler(rescale_betas_zero_snr)
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
@@ -278,10 +140,25 @@ class _DPMSolverBase(VPSigmaMixin):
                                   "time_shift_type='exponential'.")
             self._flow_shift = float(np.exp(mu))
 
-    def _last_sigma(self):
-        if self.config.final_sigmas_type == "sigma_min":
-            return ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
-        return 0
+    def _last_timestep(self) -> int:
+        """One past the noisiest training step the schedule may start at: ``lambda_min_clipped`` drops the
+        steps whose half log-SNR lambda is below it (for the numerical stability of cosine schedules)."""
+        T = self.config.num_train_timesteps
+        if self._own("lambda_min_clipped") is None:
+            return T
+        return T - torch.searchsorted(torch.flip(self.lambda_t, [0]), self.config.lambda_min_clipped).item()
+
+    def _spaced_timesteps(self, n: int, num_train_timesteps: int | None = None) -> np.ndarray:
+        cfg = self.config
+        return multistep_timesteps(cfg.num_train_timesteps, self._last_timestep(), n, cfg.timestep_spacing,
+                                   cfg.steps_offset)
+
+    def _dpm_schedule(self, n: int, timesteps, round_karras: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The sigma schedule, or with ``use_flow_sigmas`` (and no other sigma option) the shifted flow sigmas."""
+        if self.config.use_flow_sigmas and self._sigma_option() is None:
+            sigmas = flow_sigmas(self.config.num_train_timesteps, n, self._flow_shift)
+            return np.concatenate([sigmas, [self._final_sigma()]]), (sigmas * self.config.num_train_timesteps).copy()
+        return self._sigma_schedule(n, timesteps, bounds_from_training=True, round_karras=round_karras)
 
     def _point(self, index: int):
         """``(alpha_t, sigma_t)`` and ``lambda`` of ``sigmas[index]``."""
@@ -293,11 +170,15 @@ class _DPMSolverBase(VPSigmaMixin):
         cfg = self.config
         if cfg.prediction_type == "epsilon" and cfg.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, : sample.shape[1]]
-        sigma = self.sigmas[self.step_index]
-        alpha_t, sigma_t = self._alpha_sigma(sigma)
-        threshold = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
-        return dpm_convert_model_output(model_output, sample, sigma, alpha_t, sigma_t, cfg.prediction_type,
-                                        cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"), threshold)
+        return self._convert(model_output, sample, cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"),
+                             cfg.thresholding)
+
+    def _convert(self, model_output, sample, data_prediction: bool, thresholding: bool):
+        cfg = self.config
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self.step_index])
+        threshold = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if thresholding else None
+        return dpm_convert_model_output(model_output, sample, alpha_t, sigma_t, cfg.prediction_type,
+                                        data_prediction, threshold)
 
 
 def _normalise_dpm_types(algorithm_type: str, solver_type: str, allowed_algorithms) -> tuple[str, str]:
@@ -366,52 +247,11 @@ class DPMSolverMultistepScheduler(_DPMSolverBase):
                       mu: float | None = None, timesteps: list[int] | None = None) -> None:
         """Choose the sampling steps (``num_inference_steps`` or explicit ``timesteps``); reset history."""
         cfg = self.config
-        T = cfg.num_train_timesteps
         self._set_flow_shift(mu)
-        if (num_inference_steps is None) == (timesteps is None):
-            raise LDMKitError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_lu_lambdas
-                                      or cfg.use_exponential_sigmas or cfg.use_beta_sigmas):
-            raise LDMKitError("Custom timesteps cannot be combined with use_karras_sigmas / use_lu_lambdas / "
-                              "use_exponential_sigmas / use_beta_sigmas.")
-        if timesteps is not None:
-            timesteps = np.array(timesteps).astype(np.int64)
-            n = len(timesteps)
-        else:
-            n = check_num_inference_steps(num_inference_steps, T)
-            clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped)
-            last_timestep = ((T - clipped_idx).numpy()).item()
-            timesteps = multistep_timesteps(T, last_timestep, n, cfg.timestep_spacing, cfg.steps_offset)
-
-        sigmas = training_sigmas(self.alphas_cumprod)
-        log_sigmas = np.log(sigmas)
-        round_t = cfg.beta_schedule != "squaredcos_cap_v2"
-        if cfg.use_karras_sigmas:
-            sigmas = self._alternative_sigmas(np.flip(sigmas).copy(), n)
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-            timesteps = timesteps.round() if round_t else timesteps
-        elif cfg.use_lu_lambdas:
-            # Evenly spaced in lambda (Lu et al. 2022b, "uniform logSNR"); log sigma = -lambda here.
-            lambdas = np.flip(log_sigmas.copy())
-            lambda_max, lambda_min = lambdas[0].item(), lambdas[-1].item()
-            sigmas = np.exp(lambda_max + np.linspace(0, 1, n) * (lambda_min - lambda_max))
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-            timesteps = timesteps.round() if round_t else timesteps
-        elif cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
-            sigmas = self._alternative_sigmas(np.flip(sigmas).copy(), n)
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-        elif cfg.use_flow_sigmas:
-            sigmas = flow_sigmas(T, n, self._flow_shift)
-            timesteps = (sigmas * T).copy()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        sigmas = np.concatenate([sigmas, [self._last_sigma()]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas).to("cpu")
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
+        n = self._steps_asked(num_inference_steps, timesteps=timesteps)
+        self._set_schedule(*self._dpm_schedule(n, timesteps, cfg.beta_schedule != "squaredcos_cap_v2"), device)
         self.model_outputs = [None] * cfg.solver_order
         self.lower_order_nums = 0
-        self._reset_step_index()
 
     def step(
         self,
@@ -540,49 +380,23 @@ class DPMSolverSinglestepScheduler(_DPMSolverBase):
             orders[-1] = 1
         return orders
 
+    def _spaced_timesteps(self, n: int, num_train_timesteps: int | None = None) -> np.ndarray:
+        # Always linspace; repeated timesteps are not refused here (as in diffusers).
+        return multistep_timesteps(self.config.num_train_timesteps, self._last_timestep(), n, "linspace",
+                                   refuse_repeats=False)
+
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       mu: float | None = None, timesteps: list[int] | None = None) -> None:
         """Choose the sampling steps (``num_inference_steps`` evenly spaced, or explicit ``timesteps``)."""
         cfg = self.config
-        T = cfg.num_train_timesteps
         self._set_flow_shift(mu)
-        if (num_inference_steps is None) == (timesteps is None):
-            raise LDMKitError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas
-                                      or cfg.use_beta_sigmas):
-            raise LDMKitError("Custom timesteps cannot be combined with use_karras_sigmas / "
-                              "use_exponential_sigmas / use_beta_sigmas.")
-        if timesteps is not None:
-            timesteps = np.array(timesteps).astype(np.int64)
-            n = len(timesteps)
-        else:
-            n = check_num_inference_steps(num_inference_steps, T)
-            clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped).item()
-            timesteps = np.linspace(0, T - 1 - clipped_idx, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        self.num_inference_steps = n
-
-        sigmas = training_sigmas(self.alphas_cumprod)
-        log_sigmas = np.log(sigmas)
-        if cfg.use_karras_sigmas:
-            sigmas = self._alternative_sigmas(np.flip(sigmas).copy(), n)
-            timesteps = sigma_to_t(sigmas, log_sigmas).round()
-        elif cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
-            sigmas = self._alternative_sigmas(np.flip(sigmas).copy(), n)
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-        elif cfg.use_flow_sigmas:
-            sigmas = flow_sigmas(T, n, self._flow_shift)
-            timesteps = (sigmas * T).copy()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        sigmas = np.concatenate([sigmas, [self._last_sigma()]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas).to("cpu")
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
+        n = self._steps_asked(num_inference_steps, timesteps=timesteps)
+        self._set_schedule(*self._dpm_schedule(n, timesteps, True), device)
         self.model_outputs = [None] * cfg.solver_order
         self.sample = None
         self._lower_order_final = (cfg.lower_order_final or n % cfg.solver_order != 0
                                    or cfg.final_sigmas_type == "zero")
         self.order_list = self.get_order_list(n)
-        self._reset_step_index()
 
     def step(
         self,

@@ -8,22 +8,9 @@ import numpy as np
 import torch
 
 from ..errors import LDMKitError
-from .base import SchedulerOutput, check_num_inference_steps, randn, spaced_timesteps
+from .base import SchedulerOutput, randn
+from .predictions import ve_denoised
 from .sigmas import VESigmaMixin, sigma_to_t, training_sigmas
-
-VE_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
-
-
-def ve_denoised(model_output, sample, sigma, prediction_type: str):
-    """The denoiser ``D(x; sigma)`` (x_0 estimate) of a sample ``x = x_0 + sigma eps`` given the network's
-    output on the scaled input ``x / sqrt(sigma^2 + 1)`` (Karras et al. 2022, Table 1, VP column)."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-    if prediction_type in ("sample", "original_sample"):
-        return model_output
-    raise LDMKitError(f"Unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample.")
 
 
 def to_d(sample, denoised, sigma):
@@ -44,11 +31,6 @@ def ancestral_step_sigmas(sigma_from, sigma_to):
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_up, sigma_down
-
-
-def _check_ve_prediction_type(prediction_type):
-    if prediction_type not in VE_PREDICTION_TYPES:
-        raise LDMKitError(f"Unknown prediction_type {prediction_type!r}; use epsilon, v_prediction, sample.")
 
 
 class EulerDiscreteScheduler(VESigmaMixin):
@@ -80,17 +62,9 @@ class EulerDiscreteScheduler(VESigmaMixin):
         final_sigmas_type: str = "zero",
     ):
         self.register_config(locals())
-        self._check_sigma_options()
-        _check_ve_prediction_type(prediction_type)
         if interpolation_type not in ("linear", "log_linear"):
             raise LDMKitError(f"Unknown interpolation_type {interpolation_type!r}; use linear or log_linear.")
-        if final_sigmas_type not in ("zero", "sigma_min"):
-            raise LDMKitError(f"Unknown final_sigmas_type {final_sigmas_type!r}; use zero or sigma_min.")
-        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                  rescale_betas_zero_snr)
-        if rescale_betas_zero_snr:
-            # Zero terminal SNR makes sigma_max infinite; keep it finite (the value diffusers uses).
-            self.alphas_cumprod[-1] = 2**-24
+        self._init_sigma_scheduler(rescale_betas_zero_snr)
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
         T = num_train_timesteps
         timesteps = torch.from_numpy(np.linspace(0, T - 1, T)[::-1].copy())
@@ -112,55 +86,19 @@ class EulerDiscreteScheduler(VESigmaMixin):
         """Choose the sampling sigmas: ``num_inference_steps`` by ``timestep_spacing`` (and the Karras /
         exponential / beta option), or explicit ``timesteps``, or explicit ``sigmas`` (ending with the final
         sigma)."""
-        cfg = self.config
-        given = sum(v is not None for v in (num_inference_steps, timesteps, sigmas))
-        if given != 1:
-            raise LDMKitError("Pass exactly one of num_inference_steps, timesteps or sigmas to "
-                              "set_timesteps.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas
-                                      or cfg.use_beta_sigmas or self._continuous_timesteps):
-            raise LDMKitError("Custom timesteps cannot be combined with use_karras_sigmas / "
-                              "use_exponential_sigmas / use_beta_sigmas or continuous timesteps; "
-                              "pass sigmas.")
-        if num_inference_steps is not None:
-            num_inference_steps = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
-        else:
-            num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
-        self.num_inference_steps = num_inference_steps
-
-        train = training_sigmas(self.alphas_cumprod)
-        log_sigmas = np.log(train)
-        if sigmas is not None:
+        n = self._steps_asked(num_inference_steps, timesteps=timesteps, sigmas=sigmas)
+        if sigmas is not None:  # the whole schedule, final sigma included
             sigmas = np.array(sigmas).astype(np.float32)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas[:-1]])
+            timesteps = sigma_to_t(sigmas[:-1], np.log(training_sigmas(self.alphas_cumprod)))
         else:
-            if timesteps is not None:
-                timesteps = np.array(timesteps).astype(np.float32)
-            else:
-                timesteps = spaced_timesteps(cfg.num_train_timesteps, num_inference_steps,
-                                             cfg.timestep_spacing, cfg.steps_offset, dtype=np.float32)
-            if cfg.interpolation_type == "linear":
-                sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-            else:  # log_linear, as diffusers computes it
-                ramp = torch.linspace(np.log(train[-1]), np.log(train[0]), num_inference_steps + 1)
-                sigmas = ramp.exp().numpy()
-            alternative = self._alternative_sigmas(sigmas, self.num_inference_steps)
-            if alternative is not None:
-                sigmas = alternative
-                timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-            if cfg.final_sigmas_type == "sigma_min":
-                sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
-            else:
-                sigma_last = 0
-            sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-
-        sigmas = torch.from_numpy(sigmas).to(dtype=torch.float32, device=device)
+            sigmas, timesteps = self._sigma_schedule(n, timesteps,
+                                                     log_linear=self.config.interpolation_type == "log_linear")
+        self._set_schedule(sigmas, timesteps, device)
         if self._continuous_timesteps:
-            self.timesteps = torch.Tensor([0.25 * sigma.log() for sigma in sigmas[:-1]]).to(device=device)
-        else:
-            self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device=device)
-        self.sigmas = sigmas.to("cpu")
-        self._reset_step_index()
+            self.timesteps = torch.Tensor([0.25 * sigma.log() for sigma in self.sigmas[:-1]]).to(device=device)
+
+    def _timestep_conflicts(self) -> list[str]:
+        return super()._timestep_conflicts() + (["timestep_type='continuous'"] if self._continuous_timesteps else [])
 
     def step(
         self,
@@ -222,11 +160,7 @@ class EulerAncestralDiscreteScheduler(VESigmaMixin):
         rescale_betas_zero_snr: bool = False,
     ):
         self.register_config(locals())
-        _check_ve_prediction_type(prediction_type)
-        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                  rescale_betas_zero_snr)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
+        self._init_sigma_scheduler(rescale_betas_zero_snr)
         sigmas = np.concatenate([training_sigmas(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)
         self.sigmas = torch.from_numpy(sigmas)
         self.num_inference_steps = None
@@ -237,17 +171,7 @@ class EulerAncestralDiscreteScheduler(VESigmaMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """``num_inference_steps`` timesteps by ``timestep_spacing`` and their interpolated sigmas."""
-        cfg = self.config
-        n = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
-        self.num_inference_steps = n
-        timesteps = spaced_timesteps(cfg.num_train_timesteps, n, cfg.timestep_spacing, cfg.steps_offset,
-                                     dtype=np.float32)
-        train = training_sigmas(self.alphas_cumprod)
-        sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas).to("cpu")
-        self.timesteps = torch.from_numpy(timesteps).to(device=device)
-        self._reset_step_index()
+        self._set_schedule(*self._sigma_schedule(self._steps_asked(num_inference_steps)), device)
 
     def step(
         self,

@@ -4,13 +4,12 @@ ends; the last step (to sigma = 0) is plain Euler."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..errors import LDMKitError
-from .base import SchedulerOutput, check_num_inference_steps, spaced_timesteps
-from .euler import _check_ve_prediction_type, to_d, ve_denoised
-from .sigmas import VESigmaMixin, sigma_to_t, training_sigmas
+from .base import SchedulerOutput
+from .euler import to_d
+from .predictions import ve_denoised
+from .sigmas import VESigmaMixin
 
 
 def heun_correct(first_derivative, second_derivative):
@@ -45,9 +44,7 @@ class HeunDiscreteScheduler(VESigmaMixin):
         steps_offset: int = 0,
     ):
         self.register_config(locals())
-        self._check_sigma_options()
-        _check_ve_prediction_type(prediction_type)
-        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self._init_sigma_scheduler()
         self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
 
     @property
@@ -59,40 +56,17 @@ class HeunDiscreteScheduler(VESigmaMixin):
                       num_train_timesteps: int | None = None, timesteps: list[float] | None = None) -> None:
         """Choose the sampling sigmas (``num_inference_steps`` by spacing, or explicit ``timesteps``), then
         duplicate the inner ones for the two stages."""
-        cfg = self.config
-        if (num_inference_steps is None) == (timesteps is None):
-            raise LDMKitError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas
-                                      or cfg.use_beta_sigmas):
-            raise LDMKitError("Custom timesteps cannot be combined with use_karras_sigmas / "
-                              "use_exponential_sigmas / use_beta_sigmas.")
-        num_train_timesteps = num_train_timesteps or cfg.num_train_timesteps
-        if num_inference_steps is not None:
-            num_inference_steps = check_num_inference_steps(num_inference_steps, num_train_timesteps)
-        else:
-            num_inference_steps = len(timesteps)
-        self.num_inference_steps = num_inference_steps
-        if timesteps is not None:
-            timesteps = np.array(timesteps, dtype=np.float32)
-        else:
-            timesteps = spaced_timesteps(num_train_timesteps, num_inference_steps, cfg.timestep_spacing,
-                                         cfg.steps_offset, dtype=np.float32)
-        train = training_sigmas(self.alphas_cumprod)
-        log_sigmas = np.log(train)
-        sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-        alternative = self._alternative_sigmas(sigmas, num_inference_steps)
-        if alternative is not None:
-            sigmas = alternative
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).to(device=device)
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]).to("cpu")
-        timesteps = torch.from_numpy(timesteps)
-        timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
-        self.timesteps = timesteps.to(device=device, dtype=torch.float32)
+        n = self._steps_asked(num_inference_steps, num_train_timesteps, timesteps=timesteps)
+        if timesteps is None:
+            timesteps = self._spaced_timesteps(n, num_train_timesteps)
+        sigmas, timesteps = self._sigma_schedule(n, timesteps)
+        self._set_schedule(sigmas, timesteps, device)
+        # Every inner sigma and timestep twice: the Euler stage and the correction evaluate the model there.
+        self.sigmas = torch.cat([self.sigmas[:1], self.sigmas[1:-1].repeat_interleave(2), self.sigmas[-1:]])
+        self.timesteps = torch.cat([self.timesteps[:1], self.timesteps[1:].repeat_interleave(2)])
         self.prev_derivative = None
         self.dt = None
         self.sample = None
-        self._reset_step_index()
 
     def step(
         self,

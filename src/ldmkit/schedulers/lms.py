@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, check_num_inference_steps, spaced_timesteps
-from .euler import _check_ve_prediction_type, to_d, ve_denoised
-from .sigmas import VESigmaMixin, sigma_to_t, training_sigmas
+from .base import SchedulerOutput
+from .euler import to_d
+from .predictions import ve_denoised
+from .sigmas import VESigmaMixin
 
 
 def lms_coefficient(sigmas, order: int, t: int, current_order: int) -> float:
@@ -49,32 +50,15 @@ class LMSDiscreteScheduler(VESigmaMixin):
         steps_offset: int = 0,
     ):
         self.register_config(locals())
-        self._check_sigma_options()
-        _check_ve_prediction_type(prediction_type)
-        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self._init_sigma_scheduler()
         self.use_karras_sigmas = use_karras_sigmas
         self.set_timesteps(num_train_timesteps, None)
         self.is_scale_input_called = False
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """``num_inference_steps`` timesteps by ``timestep_spacing`` (or Karras / exponential / beta)."""
-        cfg = self.config
-        n = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
-        self.num_inference_steps = n
-        timesteps = spaced_timesteps(cfg.num_train_timesteps, n, cfg.timestep_spacing, cfg.steps_offset,
-                                     dtype=np.float32)
-        train = training_sigmas(self.alphas_cumprod)
-        log_sigmas = np.log(train)
-        sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-        alternative = self._alternative_sigmas(sigmas, n)
-        if alternative is not None:
-            sigmas = alternative
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas).to("cpu")
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.float32)
-        self._sigmas_list = sigmas.astype(np.float64).tolist()
-        self._reset_step_index()
+        self._set_schedule(*self._sigma_schedule(self._steps_asked(num_inference_steps)), device)
+        self._sigmas_list = self.sigmas.tolist()  # the coefficients are integrated in float64 from these
         self.derivatives = []
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import LDMKitError
 from .base import SchedulerMixin, SchedulerOutput, check_num_inference_steps, spaced_timesteps
+from .predictions import alpha_sigma, to_eps
 
 
 def pndm_transfer(sample, eps, alpha_prod_t, alpha_prod_t_prev):
@@ -114,8 +115,7 @@ class PNDMScheduler(SchedulerMixin):
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_t_prev = (self.alphas_cumprod[prev_timestep] if prev_timestep >= 0
                              else self.final_alpha_cumprod)
-        if self.config.prediction_type == "v_prediction":
-            eps = (alpha_prod_t**0.5) * eps + ((1 - alpha_prod_t) ** 0.5) * sample
+        eps = to_eps(eps, sample, *alpha_sigma(alpha_prod_t), self.config.prediction_type)
         return pndm_transfer(sample, eps, alpha_prod_t, alpha_prod_t_prev)
 
     def step_prk(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import LDMKitError
-from .base import SchedulerMixin, broadcast_to
+from .base import SchedulerMixin, broadcast_to, check_num_inference_steps, spaced_timesteps
+from .predictions import PREDICTION_TYPES
 
 logger = logging.getLogger("ldmkit")
 
@@ -53,6 +54,14 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6,
     return np.array([sigma_min + ppf * (sigma_max - sigma_min) for ppf in ppfs])
 
 
+def lu_lambda_sigmas(log_sigmas: np.ndarray, n: int) -> np.ndarray:
+    """Sigmas evenly spaced in the half log-SNR lambda (Lu et al. 2022b, DPM-Solver++, "uniform logSNR"),
+    between the ends of the training schedule; ``lambda = -log sigma`` here."""
+    log_sigmas = np.flip(log_sigmas.copy())
+    log_max, log_min = log_sigmas[0].item(), log_sigmas[-1].item()
+    return np.exp(log_max + np.linspace(0, 1, n) * (log_min - log_max))
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """The (fractional) training timestep of each ``sigma``: linear interpolation in log sigma between the
     two neighbouring training sigmas (k-diffusion's ``sigma_to_t``)."""
@@ -81,6 +90,50 @@ def flow_sigmas(num_train_timesteps: int, n: int, shift: float) -> np.ndarray:
     alphas = np.linspace(1, 1 / num_train_timesteps, n + 1)
     sigmas = 1.0 - alphas
     return np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+
+
+def multistep_timesteps(num_train_timesteps: int, last_timestep: int, n: int, spacing: str,
+                        steps_offset: int = 0, refuse_repeats: bool = True) -> np.ndarray:
+    """The integer timesteps of DPM-Solver and UniPC: like :func:`base.spaced_timesteps` but ``linspace`` and
+    ``leading`` divide ``[0, last_timestep)`` into ``n + 1`` points and drop the last (t = 0).
+
+    Too many steps for the range repeat a timestep after rounding; the solver's step ``h = lambda_t - lambda_s``
+    is then 0 and it divides by zero (diffusers 0.42.1 returns NaN images for 1000 linspace steps). That is
+    an error here (unless ``refuse_repeats`` is off), naming the largest step count that works."""
+    timesteps = _multistep_timesteps(num_train_timesteps, last_timestep, n, spacing, steps_offset)
+    if refuse_repeats and not _distinct(timesteps):
+        usable = n - 1
+        while usable > 1 and not _distinct(_multistep_timesteps(num_train_timesteps, last_timestep, usable, spacing,
+                                                                steps_offset)):
+            usable -= 1
+        raise LDMKitError(f"num_inference_steps={n} with timestep_spacing={spacing!r} repeats timesteps over "
+                          f"{last_timestep} training steps, which these solvers cannot step over (they would "
+                          f"divide by zero). Use at most {usable} steps.")
+    return timesteps
+
+
+def _distinct(timesteps: np.ndarray) -> bool:
+    return len(np.unique(timesteps)) == len(timesteps) and not (timesteps < 0).any()
+
+
+def _multistep_timesteps(num_train_timesteps: int, last_timestep: int, n: int, spacing: str,
+                         steps_offset: int) -> np.ndarray:
+    if spacing == "linspace":
+        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        step_ratio = last_timestep // (n + 1)
+        timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
+        timesteps += steps_offset
+        return timesteps
+    if spacing == "trailing":
+        timesteps = np.arange(last_timestep, 0, -num_train_timesteps / n).round().copy().astype(np.int64)
+        timesteps -= 1
+        return timesteps
+    raise LDMKitError(f"Unknown timestep_spacing {spacing!r}; use linspace, leading or trailing.")
+
+
+# The config options that replace the interpolated sigmas, in the order they take precedence.
+ALTERNATIVE_SIGMAS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
 class SigmaSchedulerMixin(SchedulerMixin):
@@ -152,35 +205,145 @@ class SigmaSchedulerMixin(SchedulerMixin):
         alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
         return alpha_t * noise - sigma_t * sample
 
-    def _sigma_bounds(self, in_sigmas) -> tuple[float, float]:
-        """``(sigma_min, sigma_max)`` for the Karras / exponential / beta schedules: the config's values
-        where the scheduler has them and they are set, else the ends of ``in_sigmas`` (descending)."""
-        sigma_min = self.config.get("sigma_min")
-        sigma_max = self.config.get("sigma_max")
-        sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
-        sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
-        return sigma_min, sigma_max
+    # -- the one argument check and the one schedule builder ---------------------------------------------
+
+    _timestep_dtype = np.float32  # of the timesteps given to the network (int64 for DPM-Solver / UniPC)
+    _prediction_types = PREDICTION_TYPES
+
+    def _init_sigma_scheduler(self, rescale_betas_zero_snr: bool = False) -> None:
+        """The config checks every sigma scheduler makes, then the training noise schedule."""
+        cfg = self.config
+        self._check_sigma_options()
+        self._check_prediction_type(self._prediction_types)
+        if "final_sigmas_type" in self._config_fields() and cfg.final_sigmas_type not in ("zero", "sigma_min"):
+            raise LDMKitError(f"Unknown final_sigmas_type {cfg.final_sigmas_type!r}; use zero or sigma_min.")
+        self._init_noise_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
+                                  cfg.trained_betas, rescale_betas_zero_snr)
+
+    def _init_noise_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                             rescale_betas_zero_snr=False) -> None:
+        super()._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                     rescale_betas_zero_snr)
+        if rescale_betas_zero_snr:
+            # Zero terminal SNR makes sigma_max infinite; keep it finite (the value diffusers uses).
+            self.alphas_cumprod[-1] = 2**-24
+
+    def _own(self, key: str):
+        """A config value of this class's own fields; None for fields it does not take (a config built from
+        another scheduler's keeps that scheduler's fields, which must not switch options on here)."""
+        return self.config[key] if key in self._config_fields() else None
+
+    def _sigma_option(self) -> str | None:
+        """The config option that replaces the interpolated sigmas, if one is set."""
+        return next((key for key in ALTERNATIVE_SIGMAS if self._own(key)), None)
 
     def _check_sigma_options(self) -> None:
-        flags = [self.config.get(k, False) for k in ("use_karras_sigmas", "use_exponential_sigmas",
-                                                      "use_beta_sigmas")]
-        if sum(bool(f) for f in flags) > 1:
-            raise LDMKitError("Set at most one of use_karras_sigmas, use_exponential_sigmas, "
-                              "use_beta_sigmas.")
+        """At construction: at most one of the Karras / exponential / beta options (each is a whole schedule)."""
+        chosen = [key for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if self._own(key)]
+        if len(chosen) > 1:
+            raise LDMKitError(f"Set at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas "
+                              f"(got {', '.join(chosen)}).")
 
-    def _alternative_sigmas(self, in_sigmas, n: int):
-        """Karras / exponential / beta sigmas if the config asks for one, else None."""
-        if self.config.get("use_karras_sigmas"):
-            return karras_sigmas(*self._sigma_bounds(in_sigmas), n)
-        if self.config.get("use_exponential_sigmas"):
-            return exponential_sigmas(*self._sigma_bounds(in_sigmas), n)
-        if self.config.get("use_beta_sigmas"):
-            return beta_sigmas(*self._sigma_bounds(in_sigmas), n)
-        return None
+    def _timestep_conflicts(self) -> list[str]:
+        """The set options that choose the timesteps themselves, so that custom timesteps cannot be used."""
+        return [key for key in ALTERNATIVE_SIGMAS if self._own(key)]
+
+    def _steps_asked(self, num_inference_steps, num_train_timesteps: int | None = None, **custom) -> int:
+        """The argument check of ``set_timesteps``; returns the number of sampling steps.
+
+        Exactly one of ``num_inference_steps`` and the custom schedules the scheduler takes (``custom``:
+        ``timesteps``, ``sigmas``) is given; custom timesteps do not go with an option that chooses the timesteps
+        itself; a step count is an int in ``[1, num_train_timesteps]``. Custom ``sigmas`` end with the final sigma.
+        """
+        names = ["num_inference_steps", *custom]
+        if custom and sum(value is not None for value in (num_inference_steps, *custom.values())) != 1:
+            raise LDMKitError(f"Pass exactly one of {', '.join(names[:-1])} or {names[-1]} to set_timesteps.")
+        if custom.get("timesteps") is not None:
+            conflicts = self._timestep_conflicts()
+            if conflicts:
+                raise LDMKitError(f"Custom timesteps cannot be combined with {' / '.join(conflicts)}, which choose "
+                                  f"the timesteps themselves: pass {' or '.join(k for k in names if k != 'timesteps')}"
+                                  " instead, or turn the option off.")
+            return len(custom["timesteps"])
+        if custom.get("sigmas") is not None:
+            return len(custom["sigmas"]) - 1
+        return check_num_inference_steps(num_inference_steps, num_train_timesteps or self.config.num_train_timesteps)
+
+    def _spaced_timesteps(self, n: int, num_train_timesteps: int | None = None) -> np.ndarray:
+        """The scheduler's spacing rule: ``n`` float timesteps by ``timestep_spacing``."""
+        cfg = self.config
+        return spaced_timesteps(num_train_timesteps or cfg.num_train_timesteps, n, cfg.timestep_spacing,
+                                cfg.steps_offset, dtype=np.float32)
+
+    def _sigma_schedule(self, n: int, timesteps=None, *, train=None, log_linear: bool = False,
+                        bounds_from_training: bool = False, round_karras: bool = False,
+                        final_from_schedule: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The sampling sigmas (``n`` and the final one, float64) and timesteps of every sigma scheduler:
+
+        1. ``timesteps``: the caller's custom ones, else the spacing rule (:meth:`_spaced_timesteps`);
+        2. sigmas interpolated there from the training sigmas (or a ``log_linear`` ramp between their ends);
+        3. if the config sets one of :data:`ALTERNATIVE_SIGMAS`, that schedule instead, between the ends of the
+           interpolated sigmas or (``bounds_from_training``) of the training sigmas, and its timesteps by
+           :func:`sigma_to_t` (rounded for Karras and Lu lambdas with ``round_karras``);
+        4. the final sigma: 0, or for ``final_sigmas_type='sigma_min'`` the smallest training sigma (the last
+           alternative sigma with ``final_from_schedule``).
+
+        ``train`` stands in for the training sigmas (UniPC's custom sigmas).
+        """
+        if timesteps is None:
+            timesteps = self._spaced_timesteps(n)
+        else:
+            timesteps = np.array(timesteps).astype(self._timestep_dtype)
+        train = training_sigmas(self.alphas_cumprod) if train is None else np.asarray(train)
+        log_sigmas = np.log(train)
+        if log_linear:  # as diffusers computes it: n + 1 points
+            sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
+        option = self._sigma_option()
+        if option is None:
+            return np.concatenate([sigmas, [self._final_sigma()]]), timesteps
+        sigmas = self._alternative_sigmas(option, np.flip(train).copy() if bounds_from_training else sigmas,
+                                          log_sigmas, n)
+        timesteps = sigma_to_t(sigmas, log_sigmas)
+        if round_karras and option in ("use_karras_sigmas", "use_lu_lambdas"):
+            timesteps = timesteps.round()
+        final = self._final_sigma(sigmas if final_from_schedule else None)
+        return np.concatenate([sigmas, [final]]), timesteps
+
+    def _alternative_sigmas(self, option: str, in_sigmas: np.ndarray, log_sigmas: np.ndarray, n: int):
+        if option == "use_lu_lambdas":
+            return lu_lambda_sigmas(log_sigmas, n)
+        # sigma_min / sigma_max from the config where set (diffusers reads them from any config that has them),
+        # else the ends of in_sigmas (descending).
+        sigma_min, sigma_max = self.config.get("sigma_min"), self.config.get("sigma_max")
+        sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+        sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
+        schedule = {"use_karras_sigmas": karras_sigmas, "use_exponential_sigmas": exponential_sigmas,
+                    "use_beta_sigmas": beta_sigmas}[option]
+        return schedule(sigma_min, sigma_max, n)
+
+    def _final_sigma(self, schedule=None):
+        """0, or for ``final_sigmas_type='sigma_min'`` the last of ``schedule`` or the smallest training sigma."""
+        if self._own("final_sigmas_type") != "sigma_min":
+            return 0
+        if schedule is not None:
+            return schedule[-1]
+        return ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+
+    def _set_schedule(self, sigmas: np.ndarray, timesteps: np.ndarray, device) -> None:
+        """Store a schedule from :meth:`_sigma_schedule` (sigmas stay on the CPU: the steps index them there)."""
+        self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
+        torch_dtype = torch.int64 if self._timestep_dtype == np.int64 else torch.float32
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch_dtype)
+        self.num_inference_steps = len(timesteps)
+        self._reset_step_index()
 
 
 class VESigmaMixin(SigmaSchedulerMixin):
     """Euler, Heun, LMS: the sample lives at scale ``x_0 + sigma eps``."""
+
+    _prediction_types = ("epsilon", "v_prediction", "sample", "original_sample")
 
     @property
     def init_noise_sigma(self):
@@ -216,6 +379,7 @@ class VPSigmaMixin(SigmaSchedulerMixin):
     """DPM-Solver, UniPC: the sample stays variance-preserving; sigmas only parameterise the steps."""
 
     _unknown_timestep_is_last = True
+    _timestep_dtype = np.int64
 
     def _alpha_sigma(self, sigma):
         return sigma_to_alpha_sigma_t(sigma, flow=bool(self.config.get("use_flow_sigmas")))

@@ -15,47 +15,37 @@ import torch
 
 from ..errors import LDMKitError
 from .base import SchedulerOutput, check_num_inference_steps
-from .dpm_solver import _DPMSolverBase, dpm_convert_model_output, multistep_timesteps
-from .sigmas import sigma_to_t, training_sigmas
+from .dpm_solver import _DPMSolverBase
+from .exponential import exponential_step, scaled_phis
+from .sigmas import multistep_timesteps
 
 
 def unipc_coefficients(rks: torch.Tensor, hh: torch.Tensor, order: int, solver_type: str):
     """The linear system of UniPC (Zhao et al. 2023, eq. 8 / Alg. 1-2): ``R[i, k] = r_k^i`` and
-    ``b_i = i! phi_{i+1}(hh) / B(hh)`` for ``i = 0 .. order-1``, with ``B(h) = h`` (``bh1``) or ``e^h - 1``
-    (``bh2``). Also returns ``h phi_1(hh) = e^hh - 1`` and ``B(hh)``."""
-    h_phi_1 = torch.expm1(hh)
-    h_phi_k = h_phi_1 / hh - 1
-    factorial_i = 1
+    ``b_i = i! hh phi_{i+1}(hh) / B(hh)`` for ``i = 1 .. order``, with ``B(h) = h`` (``bh1``) or ``e^h - 1``
+    (``bh2``). Also returns ``B(hh)``."""
+    phis = scaled_phis(hh, order + 1)
     if solver_type == "bh1":
         B_h = hh
     elif solver_type == "bh2":
-        B_h = torch.expm1(hh)
+        B_h = phis[0]
     else:
         raise LDMKitError(f"Unknown UniPC solver_type {solver_type!r}; use bh1 or bh2.")
-    R, b = [], []
-    for i in range(1, order + 1):
-        R.append(torch.pow(rks, i - 1))
-        b.append(h_phi_k * factorial_i / B_h)
-        factorial_i *= i + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial_i
-    return torch.stack(R), torch.stack(b), h_phi_1, B_h
+    R = [torch.pow(rks, i - 1) for i in range(1, order + 1)]
+    b = [phis[i] * math.factorial(i) / B_h for i in range(1, order + 1)]
+    return torch.stack(R), torch.stack(b), B_h
 
 
 def _combine(rhos, D1s):
     return torch.einsum("k,bkc...->bc...", rhos, D1s)
 
 
-def unipc_base(x, m0, t, s0, h_phi_1, predict_x0: bool):
-    """The first-order (DDIM-like) part shared by predictor and corrector:
-    ``sigma_t/sigma_s0 x - alpha_t (e^-h - 1) m0`` for x_0 prediction,
-    ``alpha_t/alpha_s0 x - sigma_t (e^h - 1) m0`` for eps prediction."""
-    (alpha_t, sigma_t), (alpha_s0, sigma_s0) = t, s0
-    if predict_x0:
-        return sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
-    if not torch.isfinite(h_phi_1):
-        # sigma_t = 0: h = inf, sigma_t (e^h - 1) -> alpha_t sigma_s0 / alpha_s0 (diffusers: 0 * inf = NaN).
-        return alpha_t / alpha_s0 * x - (alpha_t * sigma_s0 / alpha_s0) * m0
-    return alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
+def unipc_base(x, m0, t, s0, h, predict_x0: bool):
+    """The first-order (DDIM-like) part shared by predictor and corrector: the first-order DPM-Solver++
+    step ``sigma_t/sigma_s0 x - alpha_t (e^-h - 1) m0`` for x_0 prediction, the DPM-Solver step
+    ``alpha_t/alpha_s0 x - sigma_t (e^h - 1) m0`` for eps prediction (at sigma_t = 0 its limit, where diffusers
+    has 0 * inf = NaN)."""
+    return exponential_step(x, [m0], t, s0, h, "dpmsolver++" if predict_x0 else "dpmsolver")
 
 
 def _apply_residual(x_t_, scale, B_h, residual):
@@ -150,65 +140,51 @@ class UniPCMultistepScheduler(_DPMSolverBase):
         T = cfg.num_train_timesteps
         if cfg.use_dynamic_shifting and mu is None:
             raise LDMKitError("use_dynamic_shifting=True needs mu: call set_timesteps(n, mu=...).")
-        if sigmas is not None:
-            if not cfg.use_flow_sigmas:
-                raise LDMKitError("Custom sigmas need use_flow_sigmas=True.")
-            num_inference_steps = len(sigmas)
-        n = check_num_inference_steps(num_inference_steps, T)
-        timesteps = multistep_timesteps(T, T, n, cfg.timestep_spacing, cfg.steps_offset)
-
-        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
-            if sigmas is None:
-                sigmas = training_sigmas(self.alphas_cumprod)
-            log_sigmas = np.log(sigmas)
-            sigmas = self._alternative_sigmas(np.flip(sigmas).copy(), n)
-            if cfg.use_karras_sigmas and cfg.use_flow_sigmas:
-                sigmas = sigmas / (sigmas + 1)
-                timesteps = (sigmas * T).copy()
-            elif cfg.use_karras_sigmas:
-                timesteps = sigma_to_t(sigmas, log_sigmas).round()
-            else:
-                timesteps = sigma_to_t(sigmas, log_sigmas)
-            sigma_last = sigmas[-1] if cfg.final_sigmas_type == "sigma_min" else 0
-        elif cfg.use_flow_sigmas:
-            if sigmas is None:
-                sigmas = np.linspace(1, 1 / T, n + 1)[:-1]
-            sigmas = np.asarray(sigmas)
-            if cfg.use_dynamic_shifting:
-                sigmas = self._time_shift(mu, 1.0, sigmas)
-            else:
-                sigmas = cfg.flow_shift * sigmas / (1 + (cfg.flow_shift - 1) * sigmas)
-            if cfg.shift_terminal:
-                one_minus_z = 1 - sigmas
-                sigmas = 1 - (one_minus_z / (one_minus_z[-1] / (1 - cfg.shift_terminal)))
-            if np.fabs(sigmas[0] - 1) < 1e-6:
-                sigmas[0] -= 1e-6
-            timesteps = (sigmas * T).copy()
-            sigma_last = sigmas[-1] if cfg.final_sigmas_type == "sigma_min" else 0
+        if sigmas is not None and not cfg.use_flow_sigmas:
+            raise LDMKitError("Custom sigmas need use_flow_sigmas=True.")
+        n = check_num_inference_steps(len(sigmas) if sigmas is not None else num_inference_steps, T)
+        option = self._sigma_option()
+        if cfg.use_flow_sigmas and option is None:
+            flow = self._flow_sigmas(n, sigmas, mu)
+            schedule, timesteps = np.concatenate([flow, [self._final_sigma(flow)]]), (flow * T).copy()
         else:
-            train = training_sigmas(self.alphas_cumprod)
-            sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-            sigma_last = self._last_sigma()
-        sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas).to("cpu")
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
+            schedule, timesteps = self._sigma_schedule(n, train=sigmas, bounds_from_training=True, round_karras=True,
+                                                       final_from_schedule=True)
+            if option == "use_karras_sigmas" and cfg.use_flow_sigmas:
+                schedule = schedule / (schedule + 1)  # Karras sigmas mapped to flow sigmas s / (1 + s)
+                timesteps = (schedule[:-1] * T).copy()
+        self._set_schedule(schedule, timesteps, device)
         self._reset_history()
         if self.solver_p:
             self.solver_p.set_timesteps(self.num_inference_steps, device=device)
-        self._reset_step_index()
+
+    def _spaced_timesteps(self, n: int, num_train_timesteps: int | None = None) -> np.ndarray:
+        cfg = self.config
+        return multistep_timesteps(cfg.num_train_timesteps, cfg.num_train_timesteps, n, cfg.timestep_spacing,
+                                   cfg.steps_offset)
+
+    def _flow_sigmas(self, n: int, sigmas, mu) -> np.ndarray:
+        """Rectified-flow sigmas (custom, or ``linspace(1, 1/T)``), shifted by ``flow_shift`` or by the dynamic
+        shift ``mu``, then stretched so that the last one is ``shift_terminal``."""
+        cfg = self.config
+        if sigmas is None:
+            sigmas = np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)[:-1]
+        sigmas = np.asarray(sigmas)
+        if cfg.use_dynamic_shifting:
+            sigmas = self._time_shift(mu, 1.0, sigmas)
+        else:
+            sigmas = cfg.flow_shift * sigmas / (1 + (cfg.flow_shift - 1) * sigmas)
+        if cfg.shift_terminal:
+            one_minus_z = 1 - sigmas
+            sigmas = 1 - (one_minus_z / (one_minus_z[-1] / (1 - cfg.shift_terminal)))
+        if np.fabs(sigmas[0] - 1) < 1e-6:
+            sigmas[0] -= 1e-6
+        return sigmas
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """x_0 (``predict_x0``, optionally thresholded) or eps from the model output."""
-        cfg = self.config
-        sigma = self.sigmas[self.step_index]
-        alpha_t, sigma_t = self._alpha_sigma(sigma)
-        if self.predict_x0:
-            threshold = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
-            return dpm_convert_model_output(model_output, sample, sigma, alpha_t, sigma_t,
-                                            cfg.prediction_type, True, threshold)
-        return dpm_convert_model_output(model_output, sample, sigma, alpha_t, sigma_t, cfg.prediction_type,
-                                        False)
+        # diffusers thresholds x_0 only, not the eps form.
+        return self._convert(model_output, sample, self.predict_x0, self.config.thresholding and self.predict_x0)
 
     def _history(self, lambda_s0, h, order: int, offset: int, device):
         """``r_k`` and ``D1_k = (m_k - m0) / r_k`` for the ``order - 1`` previous outputs; the model outputs
@@ -239,7 +215,7 @@ class UniPCMultistepScheduler(_DPMSolverBase):
         t, s0, lambda_s0, h = self._points(self.step_index + 1, self.step_index, device)
         rks, D1s = self._history(lambda_s0, h, order, 0, device)
         hh = -h if self.predict_x0 else h
-        R, b, h_phi_1, B_h = unipc_coefficients(rks, hh, order, self.config.solver_type)
+        R, b, B_h = unipc_coefficients(rks, hh, order, self.config.solver_type)
         if D1s is not None:
             if order == 2:
                 rhos_p = torch.ones(1, dtype=x.dtype, device=device) * 0.5
@@ -248,7 +224,7 @@ class UniPCMultistepScheduler(_DPMSolverBase):
             pred_res = _combine(rhos_p, D1s)
         else:
             pred_res = 0
-        x_t_ = unipc_base(x, self.model_outputs[-1], t, s0, h_phi_1, self.predict_x0)
+        x_t_ = unipc_base(x, self.model_outputs[-1], t, s0, h, self.predict_x0)
         scale = t[0] if self.predict_x0 else t[1]
         return _apply_residual(x_t_, scale, B_h, pred_res).to(x.dtype)
 
@@ -260,13 +236,13 @@ class UniPCMultistepScheduler(_DPMSolverBase):
         t, s0, lambda_s0, h = self._points(self.step_index, self.step_index - 1, device)
         rks, D1s = self._history(lambda_s0, h, order, 1, device)
         hh = -h if self.predict_x0 else h
-        R, b, h_phi_1, B_h = unipc_coefficients(rks, hh, order, self.config.solver_type)
+        R, b, B_h = unipc_coefficients(rks, hh, order, self.config.solver_type)
         if order == 1:
             rhos_c = torch.ones(1, dtype=x.dtype, device=device) * 0.5
         else:
             rhos_c = torch.linalg.solve(R, b).to(device).to(x.dtype)
         m0 = self.model_outputs[-1]
-        x_t_ = unipc_base(x, m0, t, s0, h_phi_1, self.predict_x0)
+        x_t_ = unipc_base(x, m0, t, s0, h, self.predict_x0)
         corr_res = _combine(rhos_c[:-1], D1s) if D1s is not None else 0
         scale = t[0] if self.predict_x0 else t[1]
         return (x_t_ - scale * B_h * (corr_res + rhos_c[-1] * (this_model_output - m0))).to(x.dtype)
