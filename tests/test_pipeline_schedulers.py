@@ -239,8 +239,8 @@ def kl_decoders(tmp_path_factory):
     """
     from diffusers import AutoencoderKL as DiffusersKL
 
-    from reference_models import perturb
     from ldmkit import AutoencoderKL
+    from reference_models import perturb
 
     torch.manual_seed(0)
     theirs = DiffusersKL(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(16, 16, 32),
