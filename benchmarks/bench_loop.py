@@ -64,6 +64,10 @@ def workloads():
     def gen():
         return torch.Generator().manual_seed(0)
 
+    # The loop's own overhead: the same unconditional pipeline with a UNet that costs nothing.
+    null = compvis("uncond")
+    null.unet.forward = lambda sample, t, *args, **kwargs: type("Out", (), {"sample": sample})()
+
     return {
         "text2img (emoji, 4 images, 20 steps, guidance 3)":
             lambda: text2img("red apple", num_images_per_prompt=4, num_inference_steps=20, guidance_scale=3.0,
@@ -76,6 +80,8 @@ def workloads():
             lambda: inpaint(image, mask, num_inference_steps=50, generator=gen(), output_type="pt"),
         "unconditional (CompVis fixture, batch 4, 50 steps)":
             lambda: uncond(batch_size=4, num_inference_steps=50, generator=gen(), output_type="pt"),
+        "loop overhead (no-op UNet, 200 DDIM steps, latents out)":
+            lambda: null(num_inference_steps=200, generator=gen(), output_type="latent"),
     }
 
 
