@@ -167,3 +167,30 @@ def test_progress_bar_takes_a_total_for_custom_loops(uncond):
     assert "3/3" in stream.getvalue()
     with pytest.raises(LDMKitError, match="iterable or a total"):
         uncond.progress_bar()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"generator": 42}, r"for a seed pass torch.Generator\(\).manual_seed\(42\)"),
+    ({"generator": [torch.Generator(), 3]}, "generator must be a torch.Generator or a list of them"),
+    ({"height": "32"}, "height must be an integer number of pixels, got '32' \\(str\\)"),
+    ({"width": 32.0}, "width must be an integer number of pixels, got 32.0 \\(float\\)"),
+    ({"height": 60}, "positive multiples of 8, got height=60; try height=64"),
+])
+def test_bad_generator_and_size_types_are_clear_errors(text2img, kwargs, match):
+    with pytest.raises(LDMKitError, match=match):
+        text2img("a red square", num_inference_steps=1, output_type="latent", **kwargs)
+
+
+def test_a_unet_without_sample_size_needs_height_and_width(text2img):
+    unet = type(text2img.unet).from_config(dict(text2img.unet.config, sample_size=None))
+    unet.load_state_dict(text2img.unet.state_dict())
+    text2img.unet = unet
+    with pytest.raises(LDMKitError, match="no sample_size .* pass height and width"):
+        text2img("a red square", num_inference_steps=1, output_type="latent")
+    assert text2img("a red square", height=32, width=32, num_inference_steps=1,
+                    output_type="latent").images.shape == (1, 4, 4, 4)
+
+
+def test_eta_above_one_warns(uncond):
+    with pytest.warns(UserWarning, match="eta=2.0 is above 1"):
+        uncond(num_inference_steps=1, eta=2.0, output_type="latent")

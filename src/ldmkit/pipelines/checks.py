@@ -29,6 +29,27 @@ def check_non_negative(name: str, value, meaning: str):
     return value
 
 
+def check_generator(generator) -> None:
+    """None, a torch.Generator, or a non-empty list of them (a seed alone is not a generator)."""
+    items = generator if isinstance(generator, list | tuple) else [generator]
+    if generator is None or (items and all(isinstance(g, torch.Generator) for g in items)):
+        return
+    seed = f"torch.Generator().manual_seed({generator})" if isinstance(generator, int) else \
+        "torch.Generator().manual_seed(SEED)"
+    raise LDMKitError(f"generator must be a torch.Generator or a list of them, got {generator!r}; for a seed "
+                      f"pass {seed}.")
+
+
+def check_image_size(name: str, value, factor: int) -> int:
+    """A height or width in pixels: a positive integer multiple of the first stage's ``factor``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LDMKitError(f"{name} must be an integer number of pixels, got {value!r} ({type(value).__name__}).")
+    if value <= 0 or value % factor:
+        raise LDMKitError(f"height and width must be positive multiples of {factor}, got {name}={value}; try "
+                          f"{name}={max(factor, round(value / factor) * factor)}.")
+    return value
+
+
 def check_output_type(output_type: str, allowed: tuple[str, ...] = OUTPUT_TYPES) -> None:
     if output_type not in allowed:
         raise LDMKitError(f"output_type={output_type!r} is not supported; use one of {', '.join(allowed)}.")

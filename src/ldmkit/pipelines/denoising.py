@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LDMKitError
 from ..randomness import randn_tensor
-from .checks import check_non_negative, check_positive_int
+from .checks import check_generator, check_non_negative, check_positive_int
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,6 +44,11 @@ class Sampling:
     def check(self, batch_size: int, allowed_inputs: tuple[str, ...] = ("latents",)) -> None:
         check_positive_int("num_inference_steps", self.num_inference_steps)
         check_non_negative("eta", self.eta, "0 is deterministic DDIM, 1 is DDPM-like")
+        if self.eta > 1:
+            # The maths allows it (more noise than DDPM's posterior variance), but it is rarely meant.
+            warnings.warn(f"eta={self.eta} is above 1: DDIM then adds more noise than DDPM (eta = 1) does.",
+                          UserWarning, stacklevel=3)
+        check_generator(self.generator)
         if isinstance(self.generator, list | tuple) and len(self.generator) != batch_size:
             raise LDMKitError(f"Got {len(self.generator)} generators for {batch_size} images: pass one generator, "
                               f"or a list of exactly {batch_size} (one per image).")

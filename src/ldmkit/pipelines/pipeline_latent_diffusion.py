@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LDMKitError
-from .checks import check_output_type, check_positive_int
+from .checks import check_image_size, check_output_type, check_positive_int
 from .denoising import CALLBACK_TENSORS, Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
@@ -152,11 +152,10 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         return self.generate(latents, guidance.wrap(model), sampling, output_type, return_dict)
 
     def _check_size(self, height, width) -> tuple[int, int]:
-        factor = self.vae_scale_factor
-        height = self.unet.config.sample_size * factor if height is None else height
-        width = self.unet.config.sample_size * factor if width is None else width
-        if height <= 0 or width <= 0 or height % factor or width % factor:
-            raise LDMKitError(f"height and width must be positive multiples of {factor}, got {height}x{width}; "
-                              f"try {max(factor, round(height / factor) * factor)}x"
-                              f"{max(factor, round(width / factor) * factor)}.")
-        return height, width
+        factor, sample_size = self.vae_scale_factor, self.unet.config.sample_size
+        if (height is None or width is None) and not isinstance(sample_size, int):
+            raise LDMKitError(f"The UNet's config gives no sample_size ({sample_size!r}), so there is no default "
+                              "image size: pass height and width.")
+        height = sample_size * factor if height is None else height
+        width = sample_size * factor if width is None else width
+        return check_image_size("height", height, factor), check_image_size("width", width, factor)
