@@ -109,3 +109,52 @@ def test_train_without_the_extra_names_it(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "accelerate", None)  # find_spec reports a module set to None as missing
     code, _, err = run(capsys, "train", "ldm", "--config", tmp_path / "r.yaml")
     assert code == 2 and len(err) == 1 and "pip install 'ldmkit[train]'" in err[0]
+
+
+def _png_with_text(path, text):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("ldmkit", text)
+    PIL.Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(2**70)], "--seed 1180591620717411303424 is out of range"),
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--guidance", "nan"], "guidance_scale must be a finite number"),
+])
+def test_bad_numbers_are_one_line_before_any_work(capsys, tiny_text2img_dir, tmp_path, extra, message):
+    code, _, err = run(capsys, "txt2img", "a cat", "--model", tiny_text2img_dir, "--steps", "1", "-o", tmp_path,
+                       "--quiet", *extra)
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_output_that_is_a_file_or_cannot_be_made_is_refused_before_the_work(capsys, tiny_text2img_dir, tmp_path,
+                                                                             monkeypatch):
+    target = tmp_path / "some_file"
+    target.write_text("x")
+    called = []
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: called.append(1)))
+    code, _, err = run(capsys, "txt2img", "a cat", "--model", tiny_text2img_dir, "-o", target)
+    assert code == 2 and len(err) == 1 and "is a file, not a folder" in err[0]
+    code, _, err = run(capsys, "txt2img", "a cat", "--model", tiny_text2img_dir, "-o", target / "sub")
+    assert code == 2 and len(err) == 1 and "cannot create the folder" in err[0]
+    monkeypatch.setattr("ldmkit.cli.generate.os.access", lambda *a: False)  # root ignores mode bits: ask politely
+    code, _, err = run(capsys, "upscale", target, "--model", tiny_text2img_dir, "-o", tmp_path / "ro")
+    assert code == 2 and len(err) == 1 and "not writable" in err[0]
+    assert not called  # no model was loaded for any of them
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"prompt": "a cat", "seed": "x"}', "metadata seed='x' should be int"),
+    ('{"prompt": "a cat", "steps": true}', "metadata steps=True should be int"),
+])
+def test_damaged_png_metadata_is_one_line(capsys, tmp_path, text, message):
+    png = _png_with_text(tmp_path / "edited.png", text)
+    code, _, err = run(capsys, "txt2img", "--from-png", png, "-o", tmp_path)
+    assert code == 2 and len(err) == 1 and message in err[0]

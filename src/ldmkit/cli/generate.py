@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -47,9 +48,12 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-# txt2img --from-png: the options an ldmkit PNG's metadata restores.
-FROM_PNG_KEYS = ("model", "prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler", "height",
-                 "width", "upscale", "upscale_model", "upscale_steps")
+# txt2img --from-png: the options an ldmkit PNG's metadata restores, with the types they must have.
+FROM_PNG_KEYS = {"model": (str,), "prompt": (str,), "negative_prompt": (str, type(None)), "seed": (int,),
+                 "steps": (int,), "guidance": (int, float), "eta": (int, float), "scheduler": (str, type(None)),
+                 "height": (int, type(None)), "width": (int, type(None)), "upscale": (bool,),
+                 "upscale_model": (str,), "upscale_steps": (int,)}
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -127,13 +131,50 @@ def read_png_metadata(path: str) -> dict:
         raise LDMKitError(f"cannot read {path} as a PNG ({e}).") from None
     if not text:
         raise LDMKitError(f"{path} has no ldmkit metadata (was it made by `ldmkit txt2img`?).")
-    return json.loads(text)
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LDMKitError(f"{path}: its ldmkit metadata is not valid JSON ({e}); the file was edited or "
+                          "damaged, so it cannot be replayed.") from None
+    if not isinstance(meta, dict):
+        raise LDMKitError(f"{path}: its ldmkit metadata is not a JSON object, so it cannot be replayed.")
+    return meta
+
+
+def restore_from_png(args) -> None:
+    """Set the options a PNG's metadata records, each checked for its type (the file may have been edited)."""
+    meta = read_png_metadata(args.from_png)
+    for key, types in FROM_PNG_KEYS.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise LDMKitError(f"{args.from_png}: metadata {key}={value!r} should be "
+                              f"{' or '.join(t.__name__ for t in types)}; fix or drop it.")
+        setattr(args, key, value)
+    args.n = 1
 
 
 def seeds_from(args) -> list[int]:
     """--seed, --seed + 1, ... (one per image); a random first seed when --seed is not given."""
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    if not 0 <= seed <= MAX_SEED - (args.n - 1):
+        raise LDMKitError(f"--seed {seed} is out of range: seeds go from 0 to {MAX_SEED - (args.n - 1)} here.")
     return [seed + i for i in range(args.n)]
+
+
+def output_folder(path: str) -> Path:
+    """The -o folder, created if needed and checked writable before any work is done."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LDMKitError(f"-o {path} is a file, not a folder; give a folder for the images.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LDMKitError(f"-o {path}: cannot create the folder ({e.strerror}); choose another with -o.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LDMKitError(f"-o {path}: the folder is not writable; choose another with -o.")
+    return folder
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -143,16 +184,13 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 # ------------------------------------------------------------------------------------------- commands
 def cmd_txt2img(args) -> int:
     if args.from_png:
-        meta = read_png_metadata(args.from_png)
-        for key in FROM_PNG_KEYS:
-            if key in meta:
-                setattr(args, key, meta[key])
-        args.n = 1
+        restore_from_png(args)
     if not args.prompt:
         raise LDMKitError("give a prompt, e.g. ldmkit txt2img \"a red apple\" (or --from-png FILE).")
+    out = output_folder(args.output)
+    seeds = seeds_from(args)
     pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
     set_scheduler(pipe, args.scheduler)
-    seeds = seeds_from(args)
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width,
                   num_images_per_prompt=args.n, generator=generators(seeds))
@@ -160,7 +198,6 @@ def cmd_txt2img(args) -> int:
     if args.upscale:
         sr = load_pipeline(args.upscale_model, args.device, args.dtype, args.quiet)
         images = sr(images, num_inference_steps=args.upscale_steps, generator=generators(seeds)).images
-    out = Path(args.output)
     paths = []
     for s, image in zip(seeds, images):
         meta = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": s,
@@ -179,9 +216,12 @@ def cmd_txt2img(args) -> int:
 
 
 def cmd_upscale(args) -> int:
+    resolve_model(args.model)
+    out = output_folder(args.output)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise LDMKitError(f"--seed {args.seed} is out of range: seeds go from 0 to {MAX_SEED}.")
     pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
     set_scheduler(pipe, args.scheduler)
-    out = Path(args.output)
     for name in args.images:
         try:
             with Image.open(name) as im:
@@ -200,15 +240,17 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    resolve_model(args.model)
+    out = output_folder(args.output)
+    seeds = seeds_from(args)
     pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
     set_scheduler(pipe, args.scheduler)
-    seeds = seeds_from(args)
     images = pipe(batch_size=args.n, num_inference_steps=args.steps, eta=args.eta,
                   generator=generators(seeds)).images
     for s, image in zip(seeds, images):
         meta = {"model": args.model, "seed": s, "steps": args.steps, "eta": args.eta, "scheduler": args.scheduler,
                 "ldmkit_version": __version__}
-        print(save_png(image, free_path(Path(args.output), f"sample-{s}", args.force), meta))
+        print(save_png(image, free_path(out, f"sample-{s}", args.force), meta))
     return 0
 
 
