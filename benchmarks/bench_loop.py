@@ -16,27 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import cpu_busy_fraction, run_worker, write_result
+
 FIXTURES = Path(os.environ.get("LDMKIT_COMPVIS_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "reference" / "compvis"))
-
-
-def cpu_busy_fraction(seconds: float = 2.0) -> float:
-    """Share of all cores that were busy over ``seconds`` (from /proc/stat), while this process sleeps."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 def workloads():
@@ -102,11 +88,8 @@ def worker(repeats: int) -> None:
     print(json.dumps(timings))
 
 
-def run_worker(src: str, repeats: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, __file__, "--worker", "--repeats", str(repeats)], env=env, check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_tree(src: str, repeats: int) -> dict:
+    return run_worker(__file__, ["--repeats", str(repeats)], env={"PYTHONPATH": str(Path(src).resolve())})
 
 
 def main() -> None:
@@ -124,23 +107,15 @@ def main() -> None:
     samples = {"before": {}, "after": {}}
     for _ in range(args.rounds):
         for side, src in (("before", args.before), ("after", args.after)):
-            for name, times in run_worker(src, args.repeats).items():
+            for name, times in run_tree(src, args.repeats).items():
                 samples[side].setdefault(name, []).extend(times)
     rows = {}
     for name in samples["before"]:
         before, after = statistics.median(samples["before"][name]), statistics.median(samples["after"][name])
         rows[name] = {"before_s": round(before, 4), "after_s": round(after, 4), "ratio": round(before / after, 3)}
         print(f"{name:70s} before {before:7.3f} s  after {after:7.3f} s  before/after {before / after:5.3f}")
-    busy_after = cpu_busy_fraction()
-    if max(busy, busy_after) > 0.1:
-        print(f"Another process was using the CPU ({max(busy, busy_after):.0%} busy): results not written.")
-        return
-    from ldmkit.io import atomic_write_text
-
-    RESULTS.mkdir(exist_ok=True)
-    result = {"rounds": args.rounds, "repeats": args.repeats, "threads": 1, "dtype": "fp32",
-              "samples_per_side": args.rounds * args.repeats, "medians": rows}
-    atomic_write_text(RESULTS / "loop-before-after.json", json.dumps(result, indent=2) + "\n")
+    write_result("loop-before-after", {"rounds": args.rounds, "repeats": args.repeats, "threads": 1, "dtype": "fp32",
+                                       "samples_per_side": args.rounds * args.repeats, "medians": rows}, busy)
 
 
 if __name__ == "__main__":

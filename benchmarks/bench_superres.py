@@ -24,9 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_text2img import RESULTS, PeakRSS, interleaved  # noqa: E402
+from common import RESULTS, PeakRSS, interleaved
 
 
 def build_reference():
