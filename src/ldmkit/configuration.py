@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LDMKitError
-from .io import atomic_write_text
+from .io import atomic_write_text, parse_json_object
 
 logger = logging.getLogger("ldmkit")
 
@@ -58,12 +58,10 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise LDMKitError(f"{path} is missing. Point to a folder saved with save_pretrained (or diffusers').")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise LDMKitError(f"{path} is not valid JSON ({e}). Re-download or re-save the model.") from None
-    if not isinstance(data, dict):
-        raise LDMKitError(f"{path} must hold a JSON object, found {type(data).__name__}.")
-    return data
+    return parse_json_object(text, str(path), "Re-download or re-save the model.")
 
 
 class ConfigMixin:

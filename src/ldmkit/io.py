@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .errors import LDMKitError
 
 
 @contextlib.contextmanager
@@ -53,3 +56,14 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def parse_json_object(text: str, where: str, fix: str) -> dict:
+    """``text`` as a JSON object; otherwise an LDMKitError that says where the text came from and ``fix``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LDMKitError(f"{where} is not valid JSON ({e.msg}). {fix}") from None
+    if not isinstance(data, dict):
+        raise LDMKitError(f"{where} is not a JSON object (found {type(data).__name__}). {fix}")
+    return data

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from .. import __version__, schedulers
 from ..errors import LDMKitError
-from ..io import atomic_path
+from ..io import atomic_path, parse_json_object
 from ..loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
 from ..loading.diffusers_layout import resolve_pipeline_folder
 from ..pipelines import DiffusionPipeline
@@ -131,14 +131,8 @@ def read_png_metadata(path: str) -> dict:
         raise LDMKitError(f"cannot read {path} as a PNG ({e}).") from None
     if not text:
         raise LDMKitError(f"{path} has no ldmkit metadata (was it made by `ldmkit txt2img`?).")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LDMKitError(f"{path}: its ldmkit metadata is not valid JSON ({e}); the file was edited or "
-                          "damaged, so it cannot be replayed.") from None
-    if not isinstance(meta, dict):
-        raise LDMKitError(f"{path}: its ldmkit metadata is not a JSON object, so it cannot be replayed.")
-    return meta
+    return parse_json_object(text, f"{path}: its ldmkit metadata", "The file was edited or damaged, so it "
+                             "cannot be replayed.")
 
 
 def restore_from_png(args) -> None:

@@ -14,7 +14,6 @@ workers, before or after a resume, see the same samples in the same places.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import LDMKitError
+from ..io import parse_json_object
 from .degradations import degrade
 
 logger = logging.getLogger("ldmkit.training")
@@ -112,14 +112,8 @@ def _read_jsonl(path: Path):
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LDMKitError(f"{path}:{number} is not valid JSON ({e.msg}). Each line must be one object "
-                                  '{"file_name": ..., "text": ...}.') from None
-            if not isinstance(row, dict):
-                raise LDMKitError(f"{path}:{number} must be a JSON object, got {type(row).__name__}.")
-            yield number, row
+            yield number, parse_json_object(line, f"{path}:{number}", 'Each line must be one object '
+                                            '{"file_name": ..., "text": ...}.')
 
 
 def _read_csv(path: Path):
