@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from compvis_fixtures import checkpoint as compvis_checkpoint
+from compvis_fixtures import config as compvis_config
+from compvis_fixtures import requires_fixtures
 from ldmkit import (
     DDIMScheduler,
     DiffusionPipeline,
@@ -349,3 +352,18 @@ def test_from_pipe_between_classes_needs_fitting_components(tiny_text2img_dir, t
         LDMTextToImagePipeline.from_pipe(text, schedular=text.scheduler)
     with pytest.raises(LDMKitError, match="call it on one"):
         DiffusionPipeline.from_pipe(text)
+
+
+# ----------------------------------------------------------------------------------------- from_single_file
+@requires_fixtures
+def test_from_single_file_takes_diffusers_spellings_and_records_the_path():
+    path = compvis_checkpoint("uncond")
+    pipe = DiffusionPipeline.from_single_file(path, original_config=compvis_config("uncond"), dtype=torch.float16)
+    assert isinstance(pipe, LDMPipeline) and pipe.unet.dtype == torch.float16
+    assert pipe.name_or_path == path and pipe.config["_name_or_path"] == path
+    with pytest.raises(LDMKitError, match="both dtype= and torch_dtype="):
+        DiffusionPipeline.from_single_file(path, config=compvis_config("uncond"), dtype=torch.float16,
+                                           torch_dtype=torch.float16)
+    with pytest.raises(LDMKitError, match="both config= and original_config="):
+        DiffusionPipeline.from_single_file(path, config=compvis_config("uncond"),
+                                           original_config=compvis_config("uncond"))

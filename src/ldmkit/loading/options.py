@@ -27,7 +27,7 @@ from ..errors import LDMKitError
 HUB_KEYS = ("revision", "cache_dir", "local_files_only", "force_download", "token", "proxies")
 COMMON_KEYS = ("dtype", "torch_dtype", "variant", "use_safetensors", "device_map", "low_cpu_mem_usage",
                "disable_mmap", *HUB_KEYS)
-MODEL_KEYS = (*COMMON_KEYS, "subfolder", "output_loading_info")
+MODEL_KEYS = (*COMMON_KEYS, "output_loading_info")
 
 _NO_CODE = "ldmkit runs no code from repositories or diffusers' community folder; its pipelines are the LDM ones"
 _NO_SPLIT = "ldmkit's models run whole on one device (pass device_map='cpu' or 'cuda'), so there is nothing to split"
@@ -70,11 +70,9 @@ class LoadOptions:
     variant: str | None = None
     use_safetensors: bool | None = None
     device: torch.device | None = None
-    device_map: Any = None
     low_cpu_mem_usage: bool = True
     disable_mmap: bool = False
     output_loading_info: bool = False
-    subfolder: str | None = None
     hub: dict = field(default_factory=dict)
 
     def dtype_for(self, component: str):
@@ -203,12 +201,11 @@ def parse_load_kwargs(where: str, kwargs: dict, kind: str) -> tuple[LoadOptions,
     if variant is not None and not (isinstance(variant, str) and variant and "." not in variant):
         raise LDMKitError(f"{where}: variant must be a name like 'fp16' (no dots), got {variant!r}.")
     options = LoadOptions(
-        dtype=dtype, variant=variant, device=resolve_device_map(device_map, kind), device_map=device_map,
+        dtype=dtype, variant=variant, device=resolve_device_map(device_map, kind),
         use_safetensors=_flag(kwargs, "use_safetensors", None, (None, True, False), where),
         low_cpu_mem_usage=low_cpu_mem_usage,
         disable_mmap=_flag(kwargs, "disable_mmap", False, (True, False), where),
         output_loading_info=_flag(kwargs, "output_loading_info", False, (True, False), where),
-        subfolder=kwargs.pop("subfolder", None),
         hub={k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs})
     assert not kwargs, f"keywords left unsorted: {sorted(kwargs)}"
     return options, rest

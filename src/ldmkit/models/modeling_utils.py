@@ -79,7 +79,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         Hub's ``force_download``, ``token``, ``proxies``.
         """
         options, _ = parse_load_kwargs(f"{cls.__name__}.from_pretrained", {
-            "subfolder": subfolder, "torch_dtype": torch_dtype, "revision": revision, "cache_dir": cache_dir,
+            "torch_dtype": torch_dtype, "revision": revision, "cache_dir": cache_dir,
             "local_files_only": local_files_only, "variant": variant, **kwargs}, kind="model")
         prefix = f"{subfolder}/" if subfolder else ""
         folder = resolve_folder(name_or_path, allow_patterns=options.weight_patterns(prefix), **options.hub)
