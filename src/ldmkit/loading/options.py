@@ -70,7 +70,6 @@ class LoadOptions:
     variant: str | None = None
     use_safetensors: bool | None = None
     device: torch.device | None = None
-    low_cpu_mem_usage: bool = True
     disable_mmap: bool = False
     output_loading_info: bool = False
     hub: dict = field(default_factory=dict)
@@ -192,6 +191,8 @@ def parse_load_kwargs(where: str, kwargs: dict, kind: str) -> tuple[LoadOptions,
     if kind == "model" and isinstance(dtype, Mapping):
         raise LDMKitError(f"{where}: a dict of dtypes chooses one per pipeline component; a model takes one dtype "
                           "(dtype=torch.float16).")
+    # Loading always assigns the weights to a network built on the meta device (what True asks for); False,
+    # diffusers' random init then load, would give the same weights, and missing keys are an error either way.
     low_cpu_mem_usage = _flag(kwargs, "low_cpu_mem_usage", True, (True, False), where)
     device_map = kwargs.pop("device_map", None)
     if device_map is not None and not low_cpu_mem_usage:
@@ -203,7 +204,6 @@ def parse_load_kwargs(where: str, kwargs: dict, kind: str) -> tuple[LoadOptions,
     options = LoadOptions(
         dtype=dtype, variant=variant, device=resolve_device_map(device_map, kind),
         use_safetensors=_flag(kwargs, "use_safetensors", None, (None, True, False), where),
-        low_cpu_mem_usage=low_cpu_mem_usage,
         disable_mmap=_flag(kwargs, "disable_mmap", False, (True, False), where),
         output_loading_info=_flag(kwargs, "output_loading_info", False, (True, False), where),
         hub={k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs})
