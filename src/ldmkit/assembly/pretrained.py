@@ -14,6 +14,9 @@ import torch
 
 from ..errors import LDMKitError
 from ..loading.diffusers_layout import component_entry, resolve_pipeline_folder, write_model_index
+from ..loading.options import LoadOptions, check_components, parse_load_kwargs
+from ..loading.weights import has_variant
+from ..models import ModelMixin
 from ..pipelines import DiffusionPipeline
 from ..registry import COMPONENTS, PIPELINES, register_loader
 
@@ -33,7 +36,9 @@ def component_class(library: str, class_name: str) -> type | None:
     return COMPONENTS.get((library, class_name)) or COMPONENTS.get(("diffusers", class_name))
 
 
-def load_component(folder: Path, name: str, entry, torch_dtype, variant):
+def load_component(folder: Path, name: str, entry, options: LoadOptions, variant: str | None):
+    """One component from its sub-folder: a model with the loading options (its dtype, ``variant`` where the
+    folder has it), a tokenizer or scheduler from its files."""
     library, class_name = component_entry(folder, name, entry)
     cls = component_class(library, class_name)
     if cls is None:
@@ -42,54 +47,79 @@ def load_component(folder: Path, name: str, entry, torch_dtype, variant):
     sub = folder / name
     if not sub.is_dir():
         raise LDMKitError(f"{sub} is missing: the pipeline folder is incomplete. Re-download or re-save it.")
+    if issubclass(cls, ModelMixin):
+        return cls.from_folder(sub, torch_dtype=options.dtype_for(name), variant=variant,
+                               use_safetensors=options.use_safetensors, device=options.device,
+                               mmap=not options.disable_mmap)
     if hasattr(cls, "from_folder"):
-        return cls.from_folder(sub, torch_dtype=torch_dtype, variant=variant)
+        return cls.from_folder(sub)
     return cls.from_pretrained(sub)
 
 
-@register_loader("from_pretrained")
-def load_pretrained(cls: type[DiffusionPipeline], name_or_path, *, torch_dtype, revision, cache_dir,
-                    local_files_only, variant, components: dict) -> DiffusionPipeline:
-    """``cls.from_pretrained(...)``: the pipeline ``model_index.json`` names, which must be a ``cls``; the
-    components passed by keyword are used as they are instead of being loaded."""
-    folder, index = resolve_pipeline_folder(
-        name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    pipeline_cls = pipeline_class(index.get("_class_name"), folder)
+def component_variants(folder: Path, names: list[str], variant: str | None) -> dict[str, str]:
+    """The components that load ``variant``: as diffusers, those whose folder has its files (the others load
+    their plain weights); an error when none has."""
+    if variant is None:
+        return {}
+    found = {name: variant for name in names if has_variant(folder / name, variant)}
+    if not found:
+        raise LDMKitError(f"No component of {folder} has {variant!r} weights (files like "
+                          f"diffusion_pytorch_model.{variant}.safetensors). Drop variant=, or write them with "
+                          f"save_pretrained(folder, variant={variant!r}).")
+    return found
+
+
+def _pipeline_for(cls: type[DiffusionPipeline], place, index: dict, passed: dict, dtype) -> type[DiffusionPipeline]:
+    """The pipeline class ``model_index.json`` names, checked: it must be a ``cls``, and the keywords that are
+    not loading options must be its components."""
+    pipeline_cls = pipeline_class(index.get("_class_name"), place)
     if cls is not DiffusionPipeline and not issubclass(pipeline_cls, cls):
-        raise LDMKitError(f"{folder} holds a {pipeline_cls.__name__}, not a {cls.__name__}. "
+        raise LDMKitError(f"{place} holds a {pipeline_cls.__name__}, not a {cls.__name__}. "
                           f"Load it with {pipeline_cls.__name__} or DiffusionPipeline.")
-    unknown = set(components) - set(pipeline_cls.component_names())
-    if unknown:
-        raise LDMKitError(f"{pipeline_cls.__name__} has no component(s) {sorted(unknown)}; "
-                          f"its components are {pipeline_cls.component_names()}.")
+    check_components(f"{pipeline_cls.__name__}.from_pretrained", passed, pipeline_cls.component_names(), dtype)
+    return pipeline_cls
+
+
+@register_loader("from_pretrained")
+def load_pretrained(cls: type[DiffusionPipeline], name_or_path, kwargs: dict) -> DiffusionPipeline:
+    """``cls.from_pretrained(name_or_path, **kwargs)``: the pipeline ``model_index.json`` names, which must be a
+    ``cls``, with diffusers' loading options (``ldmkit.loading.options``); the components passed by keyword
+    are used as they are instead of being loaded."""
+    options, passed = parse_load_kwargs(f"{cls.__name__}.from_pretrained", kwargs, kind="pipeline")
+    if cls is not DiffusionPipeline:  # refuse a misspelt keyword before anything is downloaded
+        check_components(f"{cls.__name__}.from_pretrained", passed, cls.component_names(), options.dtype)
+    folder, index = resolve_pipeline_folder(  # checked before any weights are fetched
+        name_or_path, use_safetensors=options.use_safetensors, **options.hub,
+        check_index=lambda place, index: _pipeline_for(cls, place, index, passed, options.dtype))
+    pipeline_cls = _pipeline_for(cls, folder, index, passed, options.dtype)
+    names = pipeline_cls.component_names()
+    variants = component_variants(folder, [n for n in names if n not in passed], options.variant)
     loaded = {}
-    for name in pipeline_cls.component_names():
-        if name in components:
-            loaded[name] = components[name]
+    for name in names:
+        if name in passed:
+            loaded[name] = passed[name]
             continue
         if name not in index:
             raise LDMKitError(f"{folder}/model_index.json lists no {name!r}, which "
                               f"{pipeline_cls.__name__} needs. The folder is incomplete.")
-        loaded[name] = load_component(folder, name, index[name], torch_dtype, variant)
-    return pipeline_cls(**loaded)
-
-
-def on_disk_name(component) -> list[str]:
-    """The [library, class name] that diffusers expects in model_index.json for ``component``: its class's
-    registry key (or its nearest registered base's), else diffusers' name for a class of that name."""
-    key = COMPONENTS.key_of(type(component))
-    return list(key) if key is not None else ["diffusers", type(component).__name__]
+        loaded[name] = load_component(folder, name, index[name], options, variants.get(name))
+    pipe = pipeline_cls(**loaded)
+    pipe._name_or_path = name_or_path
+    return pipe
 
 
 @register_loader("save_pretrained")
-def save_pretrained(pipe: DiffusionPipeline, folder, *, safe_serialization: bool) -> None:
-    """``pipe.save_pretrained(folder)``: each component in its sub-folder, then ``model_index.json``."""
+def save_pretrained(pipe: DiffusionPipeline, folder, *, safe_serialization: bool, variant: str | None = None,
+                    max_shard_size: int | str | None = None) -> None:
+    """``pipe.save_pretrained(folder)``: each component in its sub-folder (models with ``variant`` file names and
+    ``max_shard_size`` shards, as diffusers), then ``model_index.json`` (``pipe.config``'s entries)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
-            component.save_pretrained(folder / name, safe_serialization=safe_serialization)
+            component.save_pretrained(folder / name, safe_serialization=safe_serialization, variant=variant,
+                                      max_shard_size=max_shard_size)
         else:
             component.save_pretrained(folder / name)
-    entries = {name: on_disk_name(component) for name, component in pipe.components.items()}
+    entries = {name: list(entry) for name, entry in pipe.config.items() if not name.startswith("_")}
     write_model_index(folder, type(pipe).__name__, entries)

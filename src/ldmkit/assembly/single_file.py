@@ -111,4 +111,5 @@ def load_single_file(cls: type[DiffusionPipeline], path, *, config, use_ema, tor
         raise LDMKitError(f"{path} with this config is a {type(pipe).__name__}, not a {cls.__name__}. "
                           f"Load it with {type(pipe).__name__} or DiffusionPipeline.")
     pipe.draw_noise_every_step = True
+    pipe._name_or_path = path if isinstance(path, str | os.PathLike) else None  # not a state dict in memory
     return pipe

@@ -1,6 +1,7 @@
 """The low loading layer: files and names, no classes above it.
 
-Hub resolution (``hub``), weight files (``weights``), the models bundled with the package (``bundled``), the
+Hub resolution (``hub``) and upload (``hub_upload``), diffusers' loading keywords (``options``), weight files
+(``weights``: diffusers' names, variants and shards), the models bundled with the package (``bundled``), the
 diffusers layout on disk (``diffusers_layout``), and the original CompVis checkpoints read as data: their YAML
 (``compvis_config``), their state dict (``compvis_checkpoint``) and the key tables that rename it
 (``compvis_keys``, ``compvis_unet``, ``compvis_first_stage``, ``compvis_text``).

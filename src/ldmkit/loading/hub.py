@@ -26,9 +26,11 @@ def resolve_folder(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     allow_patterns: list[str] | None = None,
+    **hub_options,
 ) -> Path:
     """Return a local folder for ``name_or_path``: a bundled model's folder (``ldmkit:NAME``), the folder itself,
-    or the Hub snapshot (downloaded or cached)."""
+    or the Hub snapshot (downloaded or cached). ``hub_options``: huggingface_hub's ``force_download``,
+    ``token`` and ``proxies`` (which huggingface_hub 1.x ignores with a warning, as in diffusers)."""
     name_or_path = local_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -40,7 +42,7 @@ def resolve_folder(
     if not looks_like_hub_id(name):
         raise LDMKitError(f"No folder at {name}, and it is not a valid Hub id (owner/name). Check the path.")
     return _snapshot(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                     allow_patterns=allow_patterns)
+                     allow_patterns=allow_patterns, **hub_options)
 
 
 def hub_file(repo_id: str, filename: str, **kwargs) -> Path:
@@ -53,10 +55,19 @@ def hub_file(repo_id: str, filename: str, **kwargs) -> Path:
         raise _hub_error(repo_id, e) from None
 
 
-def _hub_kwargs(revision=None, cache_dir=None, local_files_only=False):
-    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-    return {"revision": revision, "cache_dir": None if cache_dir is None else str(cache_dir),
-            "local_files_only": offline}
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_kwargs(revision=None, cache_dir=None, local_files_only=False, force_download=False, token=None,
+                proxies=None):
+    kwargs = {"revision": revision, "cache_dir": None if cache_dir is None else str(cache_dir),
+              "local_files_only": bool(local_files_only) or offline_mode(), "force_download": force_download,
+              "token": token}
+    if proxies is not None:  # huggingface_hub 1.x drops it with a warning that says how to set proxies
+        kwargs["proxies"] = proxies
+    return kwargs
 
 
 def _snapshot(repo_id, *, allow_patterns=None, **kwargs) -> Path:

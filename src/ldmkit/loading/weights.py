@@ -5,30 +5,34 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from ..errors import LDMKitError
-from ..io import atomic_path
+from ..io import atomic_path, atomic_write_text
 
 SAFE_SUFFIXES = (".safetensors",)
+DEFAULT_MAX_SHARD_SIZE = "10GB"  # diffusers' default for save_pretrained
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict from a .safetensors file or a pickle, never executing code from the file."""
+def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Load a state dict from a .safetensors file, a shard index or a pickle, never executing code from the
+    file. ``mmap=False`` (diffusers' ``disable_mmap=True``) reads safetensors whole instead of memory-mapping
+    them, which is faster on network mounts."""
     path = Path(path)
     if not path.is_file():
         raise LDMKitError(f"Weight file {path} is missing. Re-download or re-save the model.")
-    if path.name.endswith(".index.json"):
-        return _load_sharded(path)
+    if path.name.endswith(".json"):
+        return _load_sharded(path, mmap)
     if path.suffix in SAFE_SUFFIXES:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
         try:
-            return load_file(str(path))
+            return load_file(str(path)) if mmap else load(path.read_bytes())
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise LDMKitError(f"{path} is corrupt or truncated ({e}). Re-download or re-save it.") from None
     return _load_pickle(path)
@@ -52,7 +56,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _load_sharded(index_path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     try:
         index = json.loads(index_path.read_text())
         shards = sorted(set(index["weight_map"].values()))
@@ -60,23 +64,50 @@ def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         raise LDMKitError(f"{index_path} is not a valid shard index ({e}).") from None
     state = {}
     for shard in shards:
-        state.update(load_state_dict(index_path.parent / shard))
+        state.update(load_state_dict(index_path.parent / shard, mmap))
     return state
 
 
-def find_weights(folder: Path, stems: tuple[str, ...], variant: str | None = None) -> Path:
-    """The weights file in ``folder``: safetensors before pickles, single files before shard indexes."""
-    candidates = []
-    for stem in stems:
-        base = f"{stem}.{variant}" if variant else stem
-        candidates += [f"{base}.safetensors", f"{base}.safetensors.index.json"]
-    for stem in stems:
-        base = f"{stem}.{variant}" if variant else stem
-        candidates += [f"{base}.bin", f"{base}.bin.index.json"]
+def weights_name(stem: str, variant: str | None = None, safe: bool = True) -> str:
+    """diffusers' (and transformers') file name: ``{stem}[.{variant}].safetensors`` (or ``.bin``)."""
+    return f"{stem}{'.' + variant if variant else ''}.{'safetensors' if safe else 'bin'}"
+
+
+def index_name(stem: str, variant: str | None = None, safe: bool = True) -> str:
+    """The shard index's name: ``{stem}.safetensors.index[.{variant}].json``, the variant before ``.json``."""
+    return f"{stem}.{'safetensors' if safe else 'bin'}.index{'.' + variant if variant else ''}.json"
+
+
+def _weight_files(stem: str, variant: str | None) -> re.Pattern:
+    """The names of ``variant``'s weight files for ``stem`` (a regex): single files, shards (also diffusers'
+    legacy ``{stem}-00001-of-00002.{variant}.safetensors``) and shard indexes, in either format."""
+    v = re.escape("." + variant) if variant else ""
+    shard = r"-\d{5}-of-\d{5}"
+    return re.compile(rf"{stem}(?:{v}(?:{shard})?|{shard}{v})\.(?:safetensors|bin)"
+                      rf"|{stem}\.(?:safetensors|bin)\.index{v}\.json")
+
+
+def has_variant(folder: Path, variant: str) -> bool:
+    """Whether ``folder`` holds weights of ``variant`` under any name. As in diffusers, a pipeline loads the
+    variant for the components that have it and the plain weights for the others."""
+    pattern = _weight_files(r"[^.]+", variant)
+    return folder.is_dir() and any(pattern.fullmatch(p.name) for p in folder.iterdir())
+
+
+def find_weights(folder: Path, stems: tuple[str, ...], variant: str | None = None,
+                 use_safetensors: bool | None = None) -> Path:
+    """The weights file in ``folder``: safetensors before pickles, single files before shard indexes.
+    ``use_safetensors`` as in diffusers: True takes only safetensors, False only pickles, None either."""
+    formats = {None: (True, False), True: (True,), False: (False,)}[use_safetensors]
+    candidates = [name for safe in formats for stem in stems
+                  for name in (weights_name(stem, variant, safe), index_name(stem, variant, safe))]
     for name in candidates:
         if (folder / name).is_file():
             return folder / name
-    raise LDMKitError(f"No weight file in {folder} (looked for {', '.join(candidates)}). "
+    others = [p.name for p in sorted(folder.iterdir()) if p.suffix in (*SAFE_SUFFIXES, *PICKLE_SUFFIXES)
+              or ".safetensors.index" in p.name or ".bin.index" in p.name] if folder.is_dir() else []
+    hint = f" It holds {', '.join(others)}: pass the variant= / use_safetensors= they need." if others else ""
+    raise LDMKitError(f"No weight file in {folder} (looked for {', '.join(candidates)}).{hint} "
                       "Re-download the model or re-save it with save_pretrained.")
 
 
@@ -96,3 +127,44 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, met
         clean[key] = t.cpu()
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata={"format": "pt", **(metadata or {})})
+
+
+def save_pickled_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a state dict atomically as a torch pickle (``.bin``), its tensors on the CPU."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, stems: tuple[str, ...], *, variant: str | None = None,
+                 safe: bool = True, max_shard_size: int | str | None = None) -> list[str]:
+    """Write ``state`` in diffusers' layout and return the file names: ``{stem}[.{variant}].safetensors``
+    (``stems[0]``; pickles take ``stems[-1]``, as transformers writes model.safetensors but pytorch_model.bin),
+    or, past ``max_shard_size`` (bytes or a size like "10MB"; default diffusers' 10GB), shards
+    ``{stem}[.{variant}]-00001-of-0000N.safetensors`` and the index that maps each key to its shard. The
+    split is huggingface_hub's, the one diffusers and transformers use. Every file is written atomically; the
+    weight files of this variant left by an earlier save are removed afterwards, since a stale single file
+    would be loaded instead of new shards."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    stem = stems[0] if safe else stems[-1]
+    name = weights_name(stem, variant, safe)
+    ext = name.rsplit(".", 1)[1]
+    try:
+        split = split_torch_state_dict_into_shards(state, filename_pattern=name[: -len(ext) - 1] + "{suffix}." + ext,
+                                                   max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    except ValueError as e:
+        raise LDMKitError(f"max_shard_size={max_shard_size!r} is not a size ({e}); pass bytes or a size like "
+                          "'10MB'.") from None
+    write = save_state_dict if safe else save_pickled_state_dict
+    for filename, keys in split.filename_to_tensors.items():
+        write({k: state[k] for k in keys}, folder / filename)
+    written = set(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        written.add(index_name(stem, variant, safe))
+        atomic_write_text(folder / index_name(stem, variant, safe), json.dumps(index, indent=2, sort_keys=True) + "\n")
+    stale = [_weight_files(re.escape(s), variant) for s in stems]
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in written and any(p.fullmatch(path.name) for p in stale):
+            path.unlink()
+    return sorted(written)

@@ -12,8 +12,6 @@ mask is needed (one may still be passed).
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LDMKitError
-from .modeling_utils import ModelMixin, save_pickled_state_dict
+from .modeling_utils import ModelMixin
 
 # The transformers release whose config.json layout we write; its LDMBert fields are unchanged since 4.21.
 TRANSFORMERS_LAYOUT_VERSION = "4.46.3"
@@ -164,6 +162,8 @@ class LDMBertModel(ModelMixin, library="latent_diffusion"):
     """
 
     config_name = "config.json"
+    # transformers' names: model.safetensors, pytorch_model.bin (ModelMixin.save_pretrained writes the first
+    # stem as safetensors and the last as a pickle).
     weights_stems = ("model", "pytorch_model")
     # transformers' BART ignores these fairseq leftovers when loading.
     _ignored_checkpoint_keys = (r".*encoder\.version", r".*decoder\.version")
@@ -246,15 +246,6 @@ class LDMBertModel(ModelMixin, library="latent_diffusion"):
                 config.setdefault(name, config.pop(alias))
         config = {k: v for k, v in config.items() if k not in _TRANSFORMERS_GENERIC_KEYS}
         return super()._split_config(config)
-
-    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Write config.json and model.safetensors, or pytorch_model.bin (transformers' pickle name)."""
-        if safe_serialization:
-            super().save_pretrained(folder, safe_serialization=True)
-            return
-        folder = Path(folder)
-        self.save_config(folder)
-        save_pickled_state_dict(self.state_dict(), folder / "pytorch_model.bin")
 
     def config_to_json(self) -> str:
         """A transformers config.json, which transformers/diffusers' LDMBertModel.from_pretrained reads."""

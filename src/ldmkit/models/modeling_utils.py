@@ -11,9 +11,10 @@ from torch import nn
 
 from ..configuration import ConfigMixin
 from ..errors import LDMKitError
-from ..io import atomic_path
 from ..loading.hub import resolve_folder
-from ..loading.weights import find_weights, load_state_dict, save_state_dict
+from ..loading.hub_upload import push_saved, upload_after_save
+from ..loading.options import parse_load_kwargs
+from ..loading.weights import find_weights, load_state_dict, save_weights
 from ..registry import COMPONENTS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -65,22 +66,41 @@ class ModelMixin(nn.Module, ConfigMixin):
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         variant: str | None = None,
+        **kwargs,
     ):
-        patterns = None if subfolder is None else [f"{subfolder}/*"]
-        folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir,
-                                local_files_only=local_files_only, allow_patterns=patterns)
-        if subfolder:
-            folder = folder / subfolder
-        return cls.from_folder(folder, torch_dtype=torch_dtype, variant=variant)
+        """Load a model folder (diffusers layout) or Hub repo, or its ``subfolder`` (``subfolder="unet"``).
+
+        Takes diffusers' loading keywords with their meaning (``ldmkit.loading.options``): ``dtype`` (or
+        ``torch_dtype``; float32 by default, whatever the file holds), ``variant`` (``"fp16"`` reads
+        ``diffusion_pytorch_model.fp16.safetensors``), ``use_safetensors``, ``device_map`` (a device, or
+        "auto": the accelerator if there is one), ``low_cpu_mem_usage`` (loading never initialises weights
+        it then overwrites, and a checkpoint that lacks keys is an error either way), ``disable_mmap``,
+        ``output_loading_info`` (then ``(model, info)``; the lists are empty, since loading is strict) and the
+        Hub's ``force_download``, ``token``, ``proxies``.
+        """
+        options, _ = parse_load_kwargs(f"{cls.__name__}.from_pretrained", {
+            "torch_dtype": torch_dtype, "revision": revision, "cache_dir": cache_dir,
+            "local_files_only": local_files_only, "variant": variant, **kwargs}, kind="model")
+        prefix = f"{subfolder}/" if subfolder else ""
+        folder = resolve_folder(name_or_path, allow_patterns=options.weight_patterns(prefix), **options.hub)
+        model = cls.from_folder(folder / subfolder if subfolder else folder, torch_dtype=options.dtype,
+                                variant=options.variant, use_safetensors=options.use_safetensors,
+                                device=options.device, mmap=not options.disable_mmap)
+        if options.output_loading_info:
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
 
     @classmethod
-    def from_folder(cls, folder: Path, torch_dtype=None, variant: str | None = None):
+    def from_folder(cls, folder: Path, torch_dtype=None, variant: str | None = None,
+                    use_safetensors: bool | None = None, device: torch.device | None = None, mmap: bool = True):
+        """Load from a local folder (the options as :meth:`from_pretrained`'s, already checked)."""
         config = cls.load_config(folder)
         saved_class = config.get("_class_name")
         if saved_class is not None and saved_class != cls.__name__ and saved_class not in cls._compatible_classes():
             raise LDMKitError(f"{folder} holds a {saved_class}, not a {cls.__name__}. Load it with {saved_class}.")
-        state = load_state_dict(find_weights(folder, cls.weights_stems, variant))
-        return cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
+        state = load_state_dict(find_weights(folder, cls.weights_stems, variant, use_safetensors), mmap=mmap)
+        model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
+        return model if device is None else model.to(device)
 
     @classmethod
     def _compatible_classes(cls) -> tuple[str, ...]:
@@ -120,19 +140,28 @@ class ModelMixin(nn.Module, ConfigMixin):
             if tensor.is_meta:
                 raise LDMKitError(f"{type(self).__name__}.{name} was not initialised by {source}.")
 
-    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Write config.json and the weights (safetensors) atomically, in the diffusers layout."""
+    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str | None = None, push_to_hub: bool = False, **push_options) -> None:
+        """Write config.json and the weights atomically, in the diffusers layout, as diffusers names them:
+        ``diffusion_pytorch_model[.{variant}].safetensors`` (``.bin`` pickles with ``safe_serialization=False``),
+        split into shards plus an index json past ``max_shard_size`` (default 10GB, as diffusers).
+        ``push_to_hub=True`` then uploads the folder; ``push_options`` as :meth:`push_to_hub` (``repo_id``
+        defaults to the folder's name)."""
+        upload = upload_after_save(folder, push_to_hub, push_options, type(self).__name__)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.save_config(folder)
-        stem = self.weights_stems[0]
-        if safe_serialization:
-            save_state_dict(self.state_dict(), folder / f"{stem}.safetensors")
-        else:
-            save_pickled_state_dict(self.state_dict(), folder / f"{stem}.bin")
+        save_weights(self.state_dict(), folder, self.weights_stems, variant=variant, safe=safe_serialization,
+                     max_shard_size=max_shard_size)
+        if upload is not None:
+            upload(folder)
 
-
-def save_pickled_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a state dict atomically as a torch pickle (``.bin``), its tensors on the CPU."""
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, subfolder: str | None = None) -> str:
+        """Upload the model to the Hub as diffusers does: ``save_pretrained`` into a temporary folder, then
+        huggingface_hub's ``create_repo`` and one ``upload_folder`` commit (all the files or none). Offline
+        (HF_HUB_OFFLINE) or without network it raises before anything is uploaded. Returns the commit's URL."""
+        return push_saved(lambda d: self.save_pretrained(d, safe_serialization=safe_serialization, variant=variant),
+                          repo_id, what=type(self).__name__, commit_message=commit_message, private=private,
+                          token=token, create_pr=create_pr, subfolder=subfolder)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LDMKitError
+from ..models import AutoencoderKL, LDMBertModel, UNet2DConditionModel, VQModel
 from .checks import check_image_size, check_output_type, check_positive_int
 from .denoising import CALLBACK_TENSORS, Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
@@ -29,7 +30,8 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
     the name), ``bert`` (LDMBertModel), ``tokenizer``, ``unet`` (UNet2DConditionModel), ``scheduler``.
     """
 
-    def __init__(self, vqvae, bert, tokenizer, unet, scheduler):
+    def __init__(self, vqvae: AutoencoderKL | VQModel, bert: LDMBertModel, tokenizer, unet: UNet2DConditionModel,
+                 scheduler):
         super().__init__(vqvae=vqvae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     @property

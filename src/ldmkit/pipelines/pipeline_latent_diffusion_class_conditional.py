@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LDMKitError
+from ..models import AutoencoderKL, ClassEmbedder, UNet2DConditionModel, VQModel
 from .checks import check_output_type
 from .denoising import Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
@@ -25,7 +26,8 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
 
     draw_noise_every_step = True
 
-    def __init__(self, vqvae, class_embedder, unet, scheduler):
+    def __init__(self, vqvae: VQModel | AutoencoderKL, class_embedder: ClassEmbedder, unet: UNet2DConditionModel,
+                 scheduler):
         super().__init__(vqvae=vqvae, class_embedder=class_embedder, unet=unet, scheduler=scheduler)
 
     def _labels(self, class_labels) -> torch.Tensor:

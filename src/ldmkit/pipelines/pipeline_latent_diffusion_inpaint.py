@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LDMKitError
+from ..models import AutoencoderKL, UNet2DModel, VQModel
 from .checks import check_output_type
 from .denoising import Sampling, legacy_callback
 from .image_processing import to_tensor
@@ -72,7 +73,7 @@ class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
 
     draw_noise_every_step = True
 
-    def __init__(self, vqvae, unet, scheduler):
+    def __init__(self, vqvae: VQModel | AutoencoderKL, unet: UNet2DModel, scheduler):
         super().__init__(vqvae=vqvae, unet=unet, scheduler=scheduler)
 
     @property

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LDMKitError
+from ..models import AutoencoderKL, UNet2DModel, VQModel
 from .checks import check_output_type, check_positive_int
 from .denoising import Sampling, legacy_callback
 from .image_processing import to_tensor_groups
@@ -25,7 +26,7 @@ class LDMSuperResolutionPipeline(DiffusionPipeline, compvis_family="super-resolu
     latent space and in the decoder, so memory stays bounded.
     """
 
-    def __init__(self, vqvae, unet, scheduler):
+    def __init__(self, vqvae: VQModel | AutoencoderKL, unet: UNet2DModel, scheduler):
         super().__init__(vqvae=vqvae, unet=unet, scheduler=scheduler)
 
     @property

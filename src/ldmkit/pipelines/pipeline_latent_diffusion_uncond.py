@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..models import AutoencoderKL, UNet2DModel, VQModel
 from .checks import check_output_type, check_positive_int
 from .denoising import Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
@@ -20,7 +21,7 @@ class LDMPipeline(DiffusionPipeline, compvis_family="unconditional"):
     A config that states a factor is obeyed.
     """
 
-    def __init__(self, vqvae, unet, scheduler):
+    def __init__(self, vqvae: VQModel | AutoencoderKL, unet: UNet2DModel, scheduler):
         super().__init__(vqvae=vqvae, unet=unet, scheduler=scheduler)
 
     @torch.no_grad()

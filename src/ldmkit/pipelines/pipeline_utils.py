@@ -6,6 +6,7 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,13 +14,17 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..configuration import FrozenDict
 from ..errors import LDMKitError
+from ..loading.hub_upload import push_saved, upload_after_save
+from ..loading.options import resolve_dtype
 from ..models.modeling_utils import parse_dtype
 from ..outputs import BaseOutput
 from ..randomness import randn_tensor
 from ..registry import COMPVIS_FAMILIES, PIPELINES, loader
 from .checks import check_device, check_latents
 from .denoising import Predict, Sampling, decode_first_stage, make_step
+from .reuse import build_from_pipe, component_entry
 
 
 @dataclass
@@ -57,6 +62,8 @@ class DiffusionPipeline:
     """
 
     draw_noise_every_step = False
+    # What from_pretrained / from_single_file loaded the pipeline from (``name_or_path``); None when built.
+    _name_or_path: str | os.PathLike | None = None
 
     def __init_subclass__(cls, compvis_family: str | None = None, **kwargs):
         """Every pipeline joins the registry under its class name, which ``save_pretrained`` writes as
@@ -185,25 +192,60 @@ class DiffusionPipeline:
 
     numpy_to_pil = staticmethod(numpy_to_pil)
 
+    # ----------------------------------------------------------------- diffusers' pipeline config
+    @property
+    def config(self) -> FrozenDict:
+        """diffusers' pipeline config: each component's ``(library, class name)``, the entries
+        ``model_index.json`` holds, and ``_name_or_path`` for a loaded pipeline. Read when asked, so that it
+        follows a swapped component (``pipe.scheduler = ...``)."""
+        entries: dict[str, Any] = {name: component_entry(c) for name, c in self.components.items()}
+        if self._name_or_path is not None:
+            entries["_name_or_path"] = self._name_or_path
+        return FrozenDict(entries)
+
+    @property
+    def name_or_path(self) -> str | os.PathLike | None:
+        """What the pipeline was loaded from, as given to ``from_pretrained`` / ``from_single_file``."""
+        return self._name_or_path
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> DiffusionPipeline:
+        """A ``cls`` that shares ``pipeline``'s components (no copy), as diffusers: a component passed by
+        keyword replaces the shared one, and the new pipeline is cast to ``dtype`` (``torch_dtype``), float32
+        by default, which casts the shared models of ``pipeline`` too. A component ``cls`` needs that
+        ``pipeline`` lacks, or whose class does not fit ``cls`` (a text-to-image UNet for LDMPipeline), is an
+        error that names it; pass a fitting one by keyword."""
+        if cls is DiffusionPipeline:
+            raise LDMKitError("from_pipe builds the pipeline class it is called on; call it on one, e.g. "
+                              "LDMTextToImagePipeline.from_pipe(pipe).")
+        if not isinstance(pipeline, DiffusionPipeline):
+            raise LDMKitError(f"from_pipe takes a pipeline to share components with, got {type(pipeline).__name__}.")
+        return build_from_pipe(cls, pipeline, kwargs)
+
     # ----------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | dict | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         variant: str | None = None,
-        **components,
+        **kwargs,
     ):
         """Load a pipeline folder (diffusers layout) or Hub id; ``model_index.json`` says which pipeline.
 
-        Components passed by keyword are used as they are instead of being loaded (to share them).
+        Takes diffusers' loading keywords with their meaning (``ldmkit.loading.options``): ``dtype`` (or
+        ``torch_dtype``): a dtype, or per component ``{"unet": torch.bfloat16, "default": torch.float32}``;
+        ``variant`` (loaded by the components that have it, as diffusers), ``use_safetensors``,
+        ``device_map`` ("cpu", "cuda", or "balanced": the accelerator if there is one), ``low_cpu_mem_usage``,
+        ``disable_mmap``, and the Hub's ``force_download``, ``token``, ``proxies``. Other keywords are
+        components, used as they are instead of being loaded (to share them).
         """
-        return loader("from_pretrained")(cls, name_or_path, torch_dtype=torch_dtype, revision=revision,
-                                         cache_dir=cache_dir, local_files_only=local_files_only, variant=variant,
-                                         components=components)
+        return loader("from_pretrained")(cls, name_or_path, {
+            "torch_dtype": torch_dtype, "revision": revision, "cache_dir": cache_dir,
+            "local_files_only": local_files_only, "variant": variant, **kwargs})
 
     @classmethod
     def from_single_file(
@@ -213,19 +255,44 @@ class DiffusionPipeline:
         use_ema: bool | None = None,
         torch_dtype: torch.dtype | str | None = None,
         tokenizer=None,
+        dtype: torch.dtype | str | None = None,
+        original_config: str | os.PathLike | dict | None = None,
     ):
         """Load an original CompVis checkpoint (``.ckpt``, ``.safetensors`` or a bare state dict) with the
-        ``config.yaml`` it was trained with; the YAML says which pipeline (text-to-image, super-resolution,
-        unconditional, class-conditional, inpainting).
+        ``config.yaml`` it was trained with (``config``, or diffusers' name for it, ``original_config``); the
+        YAML says which pipeline (text-to-image, super-resolution, unconditional, class-conditional,
+        inpainting).
 
         ``use_ema``: None samples with the EMA weights when the YAML enables EMA (its default) and the file
         has them, as the original scripts (``model.ema_scope()``); True requires them; False uses the live
-        weights. ``tokenizer`` (text-to-image only): BERT's vocabulary (an LDMTokenizer or a folder); None
-        fetches bert-base-uncased's, as the original. The scheduler is the original DDIM sampler.
+        weights. ``dtype`` (or ``torch_dtype``) as in from_pretrained. ``tokenizer`` (text-to-image only):
+        BERT's vocabulary (an LDMTokenizer or a folder); None fetches bert-base-uncased's, as the original.
+        The scheduler is the original DDIM sampler.
         """
-        return loader("from_single_file")(cls, path, config=config, use_ema=use_ema, torch_dtype=torch_dtype,
-                                          tokenizer=tokenizer)
+        if config is not None and original_config is not None:
+            raise LDMKitError("from_single_file got both config= and original_config= (the same YAML); pass one.")
+        return loader("from_single_file")(
+            cls, path, config=original_config if config is None else config, use_ema=use_ema,
+            torch_dtype=resolve_dtype(dtype, torch_dtype, f"{cls.__name__}.from_single_file"), tokenizer=tokenizer)
 
-    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Write the pipeline in the diffusers layout (diffusers' from_pretrained reads it)."""
-        loader("save_pretrained")(self, folder, safe_serialization=safe_serialization)
+    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str | None = None, push_to_hub: bool = False, **push_options) -> None:
+        """Write the pipeline in the diffusers layout (diffusers' from_pretrained reads it): models as diffusers
+        names their files, ``variant`` in the names (``diffusion_pytorch_model.fp16.safetensors``) and
+        shards past ``max_shard_size``. ``push_to_hub=True`` then uploads the folder (``repo_id``, default
+        the folder's name, ``commit_message``, ``private``, ``token``, ``create_pr``, as diffusers)."""
+        upload = upload_after_save(folder, push_to_hub, push_options, type(self).__name__)
+        loader("save_pretrained")(self, folder, safe_serialization=safe_serialization, variant=variant,
+                                  max_shard_size=max_shard_size)
+        if upload is not None:
+            upload(Path(folder))
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, subfolder: str | None = None):
+        """Upload the pipeline to the Hub as diffusers does: :meth:`save_pretrained` into a temporary folder,
+        then huggingface_hub's ``create_repo`` and one ``upload_folder`` commit (every file or none). Offline
+        (HF_HUB_OFFLINE) it refuses before saving anything. Returns huggingface_hub's CommitInfo (its URL)."""
+        return push_saved(lambda d: self.save_pretrained(d, safe_serialization=safe_serialization, variant=variant),
+                          repo_id, what=type(self).__name__, commit_message=commit_message, private=private,
+                          token=token, create_pr=create_pr, subfolder=subfolder)
