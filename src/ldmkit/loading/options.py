@@ -110,11 +110,12 @@ def check_unsupported(where: str, kwargs: dict) -> None:
                               f"({why}). Drop the argument.")
 
 
-def check_device_available(device: torch.device) -> None:
+def check_device_available(device: torch.device, option: str = "device_map") -> None:
+    """``device`` exists on this machine; the error names the ``option`` that asked for it."""
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LDMKitError(f"device_map asks for {device}, but no CUDA GPU is available here; use device_map='cpu'.")
+        raise LDMKitError(f"{option} asks for {device}, but no CUDA GPU is available here; use {option}='cpu'.")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LDMKitError("device_map asks for MPS, which is not available here; use device_map='cpu'.")
+        raise LDMKitError(f"{option} asks for MPS, which is not available here; use {option}='cpu'.")
 
 
 def _accelerator() -> torch.device:

@@ -55,13 +55,6 @@ def check_output_type(output_type: str, allowed: tuple[str, ...] = OUTPUT_TYPES)
         raise LDMKitError(f"output_type={output_type!r} is not supported; use one of {', '.join(allowed)}.")
 
 
-def check_device(device: torch.device) -> None:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LDMKitError("CUDA was asked for but no CUDA GPU is available here; use device 'cpu'.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LDMKitError("MPS was asked for but is not available here; use device 'cpu'.")
-
-
 def check_latents(latents, shape: tuple, layout: str, device, dtype) -> torch.Tensor:
     """The caller's ``x_T``: a finite float tensor of exactly ``shape`` (``layout`` names its axes)."""
     if not isinstance(latents, torch.Tensor):

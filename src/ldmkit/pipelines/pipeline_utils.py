@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 from ..configuration import FrozenDict
 from ..errors import LDMKitError
 from ..loading.hub_upload import push_saved, upload_after_save
-from ..loading.options import resolve_dtype
+from ..loading.options import check_device_available, resolve_dtype
 from ..models.modeling_utils import parse_dtype
 from ..outputs import BaseOutput
 from ..randomness import randn_tensor
 from ..registry import COMPVIS_FAMILIES, PIPELINES, loader
-from .checks import check_device, check_latents
+from .checks import check_latents
 from .denoising import Predict, Sampling, decode_first_stage, make_step
 from .reuse import build_from_pipe, component_entry
 
@@ -114,7 +114,7 @@ class DiffusionPipeline:
             device, dtype = None, device
         if device is not None:
             device = torch.device(device)
-            check_device(device)
+            check_device_available(device, "device")
         dtype = parse_dtype(dtype)
         if dtype is not None and not dtype.is_floating_point:
             raise LDMKitError(f"dtype {dtype} is not a floating type; use torch.float32, float16 or bfloat16.")
