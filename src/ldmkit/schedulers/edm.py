@@ -111,15 +111,28 @@ class EDMEulerScheduler(ChurnEulerMixin):
                                   "(the final one is appended by final_sigmas_type).")
         self._set_edm_schedule(schedule, device)
 
+    # diffusers' preconditioning methods, for sampling loops written against them
+    def precondition_inputs(self, sample: torch.Tensor, sigma) -> torch.Tensor:
+        """``c_in(sigma) x``."""
+        return sample * edm_c_in(sigma, self.config.sigma_data)
+
+    def precondition_noise(self, sigma) -> torch.Tensor:
+        """``c_noise(sigma) = ln(sigma) / 4``, the network's timestep input."""
+        return edm_c_noise(sigma if isinstance(sigma, torch.Tensor) else torch.tensor([sigma]))
+
+    def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma) -> torch.Tensor:
+        """The denoiser ``D(x; sigma) = c_skip x + c_out F``."""
+        return edm_denoised(model_output, sample, sigma, self.config.sigma_data, self.config.prediction_type)
+
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """Multiply by ``c_in(sigma) = 1 / sqrt(sigma^2 + sigma_data^2)`` (EDM's input preconditioning)."""
         if self.step_index is None:
             self._init_step_index(timestep)
         self.is_scale_input_called = True
-        return sample * edm_c_in(self.sigmas[self.step_index], self.config.sigma_data)
+        return self.precondition_inputs(sample, self.sigmas[self.step_index])
 
     def _denoise(self, model_output, sample, sigma, sigma_hat):
-        return edm_denoised(model_output, sample, sigma_hat, self.config.sigma_data, self.config.prediction_type)
+        return self.precondition_outputs(sample, model_output, sigma_hat)
 
     def step(
         self,

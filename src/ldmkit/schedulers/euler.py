@@ -28,16 +28,11 @@ def ancestral_step_sigmas(sigma_from, sigma_to, clamp: bool = False):
     """Split the step ``sigma_from -> sigma_to`` into a deterministic step down to ``sigma_down`` and fresh
     noise of std ``sigma_up``, with ``sigma_down^2 + sigma_up^2 = sigma_to^2`` (k-diffusion
     ``get_ancestral_step``, eta = 1: the DDPM posterior in sigma space). ``clamp`` keeps ``sigma_up <= sigma_to``
-    against rounding, as k-diffusion and diffusers' DPM-Solver SDE do (Euler and KDPM2 ancestral do not).
-
-    Without the clamp, a step from a huge sigma (``sigma_to << sigma_from``, e.g. the first of a cosine schedule)
-    can round ``sigma_to^2 - sigma_up^2`` below 0; ``sigma_down`` is then ``sigma_to^2 / sigma_from``, the same
-    quantity formed without the cancellation (diffusers returns NaN there)."""
+    against rounding, as k-diffusion and diffusers' DPM-Solver SDE do (Euler and KDPM2 ancestral do not)."""
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
     if clamp:
         sigma_up = torch.minimum(sigma_to, sigma_up)
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    sigma_down = torch.where(torch.isnan(sigma_down), sigma_to**2 / sigma_from, sigma_down)
     return sigma_up, sigma_down
 
 

@@ -106,8 +106,8 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Mixin):
     ``generator`` (``order = 2``).
 
     Same config fields, defaults and results as diffusers' ``KDPM2AncestralDiscreteScheduler``, except where
-    rounding makes diffusers' ``sigma_down`` NaN (a first step from a huge ``sigma_max``, as with
-    ``squaredcos_cap_v2``): see :func:`euler.ancestral_step_sigmas`.
+    rounding loses diffusers' ``sigma_down`` (a first step from a huge ``sigma_max``, as with ``squaredcos_cap_v2``,
+    where diffusers returns NaN images): see :meth:`_step_ends`.
     """
 
     def __init__(
@@ -129,7 +129,13 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Mixin):
         self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
 
     def _step_ends(self, sigmas):
-        ups, downs = ancestral_step_sigmas(sigmas[:-1], sigmas[1:])
+        sigmas_from, sigmas_to = sigmas[:-1], sigmas[1:]
+        ups, downs = ancestral_step_sigmas(sigmas_from, sigmas_to)
+        # From a huge sigma (the first of squaredcos_cap_v2, ~2e4) sigma_to^2 - sigma_up^2 rounds to 0 or below:
+        # diffusers' midpoint is then 0 or NaN, and its images NaN. sigma_to^2 / sigma_from is the same quantity
+        # without the cancellation.
+        lost = ~(downs > 0) & (sigmas_to > 0)
+        downs = torch.where(lost, sigmas_to**2 / sigmas_from, downs)
         return log_midpoint(sigmas, torch.cat([downs, downs[-1:]]))[:-1], downs, ups
 
     def step(

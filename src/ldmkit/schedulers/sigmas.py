@@ -341,6 +341,8 @@ class SigmaSchedulerMixin(SchedulerMixin):
         """Store a schedule from :meth:`_sigma_schedule` (sigmas stay on the CPU: the steps index them there)."""
         self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
         torch_dtype = {np.int64: torch.int64, np.float64: torch.float64}.get(self._timestep_dtype, torch.float32)
+        if torch_dtype == torch.float64 and device is not None and torch.device(device).type == "mps":
+            torch_dtype = torch.float32  # MPS has no float64 (diffusers falls back the same way)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch_dtype)
         self.num_inference_steps = len(timesteps)
         self._reset_step_index()
