@@ -35,6 +35,7 @@ STEP_SEED = 11
 
 KARRAS = {"use_karras_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
+TREE = {"noise_sampler_seed": 3}  # DPM-Solver SDE's Brownian tree (diffusers' step takes no generator)
 
 # Schedulers diffusers' text-to-image pipeline drives correctly: (class, config overrides, eta).
 VP_CASES = [
@@ -64,6 +65,16 @@ SIGMA_CASES = [
     ("DPMSolverSinglestepScheduler", KARRAS),
     ("UniPCMultistepScheduler", {}),
     ("UniPCMultistepScheduler", KARRAS),
+    ("KDPM2DiscreteScheduler", {}),
+    ("KDPM2DiscreteScheduler", KARRAS),
+    ("KDPM2AncestralDiscreteScheduler", {}),
+    ("KDPM2AncestralDiscreteScheduler", KARRAS),
+    ("DEISMultistepScheduler", {}),
+    ("DEISMultistepScheduler", KARRAS),
+    ("DPMSolverSDEScheduler", TREE),
+    ("DPMSolverSDEScheduler", {**TREE, **KARRAS}),
+    # EDM Euler is for EDM-preconditioned models: with an LDM it gives noise, in diffusers' loop the same noise.
+    ("EDMEulerScheduler", {}),
 ]
 
 ALL_NAMES = sorted({name for name, *_ in VP_CASES + SIGMA_CASES})
@@ -224,6 +235,11 @@ UNCOND_SR_CASES = [
     ("DPMSolverMultistepScheduler", {}),
     ("DPMSolverMultistepScheduler", {**SDE, **KARRAS}),
     ("UniPCMultistepScheduler", {}),
+    ("KDPM2DiscreteScheduler", {}),
+    ("KDPM2AncestralDiscreteScheduler", {}),
+    ("DEISMultistepScheduler", {}),
+    ("DPMSolverSDEScheduler", TREE),
+    ("EDMEulerScheduler", {}),
 ]
 
 

@@ -46,6 +46,14 @@ SCHEDULERS = {
     "dpm++sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "dpm-single": ("DPMSolverSinglestepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2-karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2-a-karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "dpm-sde": ("DPMSolverSDEScheduler", {}),  # "dpm++sde" above is DPM-Solver++(2M) SDE
+    "dpm-sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    # EDMEulerScheduler is left out: it samples EDM-preconditioned models, which no ldmkit pipeline holds.
 }
 
 # txt2img --from-png: the options an ldmkit PNG's metadata restores, with the types they must have.

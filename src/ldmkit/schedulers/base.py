@@ -174,13 +174,13 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
     * ``linspace``: ``n`` evenly spaced points from 0 to T-1, rounded.
 
     ``dtype=np.float32`` gives the float timesteps of the sigma-based (Karras-style) schedulers, which
-    diffusers computes without rounding for ``linspace``.
+    diffusers computes without rounding for ``linspace`` (``np.float64`` those of DPM-Solver SDE).
     """
     T, n = num_train_timesteps, num_inference_steps
     if spacing == "linspace":
         if dtype == np.int64:
             return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
-        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        return np.linspace(0, T - 1, n, dtype=dtype)[::-1].copy()
     if spacing == "leading":
         timesteps = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(dtype)
         timesteps += steps_offset
@@ -320,11 +320,12 @@ class SchedulerMixin(ConfigMixin):
     @classmethod
     def _split_config(cls, config: Mapping) -> tuple[dict, dict]:
         accepted, unknown = super()._split_config(config)
-        # Fields of sibling schedulers (e.g. DDIM's clip_sample given to Euler) are expected when swapping
-        # schedulers, as in diffusers: ignore them quietly. Anything else still warns.
+        # Fields of compatible schedulers (e.g. DDIM's clip_sample given to Euler) are expected when swapping
+        # schedulers, as in diffusers: ignore them quietly. Anything else still warns (EDMEuler, compatible
+        # with none, names the noise-schedule fields of an LDM config it ignores, as diffusers does).
         sibling = set()
-        for other in _REGISTRY.values():
-            if other is not cls:
+        for name, other in _REGISTRY.items():
+            if other is not cls and name in cls._compatibles:
                 sibling.update(other._config_fields())
         quiet = {k: v for k, v in unknown.items() if k in sibling}
         if quiet:

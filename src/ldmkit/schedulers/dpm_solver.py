@@ -114,6 +114,7 @@ class _DPMSolverBase(VPSigmaMixin):
     """Noise schedule, sigmas and model output conversion shared by the multistep and singlestep solvers."""
 
     _prediction_types = DPM_PREDICTION_TYPES
+    _final_from_schedule = False  # the final sigma repeats the schedule's last (DEIS), else final_sigmas_type
 
     def _init_dpm(self, rescale_betas_zero_snr: bool = False) -> None:
         cfg = self.config
@@ -155,10 +156,13 @@ class _DPMSolverBase(VPSigmaMixin):
 
     def _dpm_schedule(self, n: int, timesteps, round_karras: bool) -> tuple[np.ndarray, np.ndarray]:
         """The sigma schedule, or with ``use_flow_sigmas`` (and no other sigma option) the shifted flow sigmas."""
+        final_from_schedule = self._final_from_schedule
         if self.config.use_flow_sigmas and self._sigma_option() is None:
             sigmas = flow_sigmas(self.config.num_train_timesteps, n, self._flow_shift)
-            return np.concatenate([sigmas, [self._final_sigma()]]), (sigmas * self.config.num_train_timesteps).copy()
-        return self._sigma_schedule(n, timesteps, bounds_from_training=True, round_karras=round_karras)
+            final = self._final_sigma(sigmas if final_from_schedule else None)
+            return np.concatenate([sigmas, [final]]), (sigmas * self.config.num_train_timesteps).copy()
+        return self._sigma_schedule(n, timesteps, bounds_from_training=True, round_karras=round_karras,
+                                    final_from_schedule=final_from_schedule)
 
     def _point(self, index: int):
         """``(alpha_t, sigma_t)`` and ``lambda`` of ``sigmas[index]``."""

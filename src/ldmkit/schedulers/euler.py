@@ -24,16 +24,54 @@ def churn_gamma(sigma, s_churn: float, num_steps: int, s_tmin: float, s_tmax: fl
     return min(s_churn / num_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
 
 
-def ancestral_step_sigmas(sigma_from, sigma_to):
+def ancestral_step_sigmas(sigma_from, sigma_to, clamp: bool = False):
     """Split the step ``sigma_from -> sigma_to`` into a deterministic step down to ``sigma_down`` and fresh
     noise of std ``sigma_up``, with ``sigma_down^2 + sigma_up^2 = sigma_to^2`` (k-diffusion
-    ``get_ancestral_step``, eta = 1: the DDPM posterior in sigma space)."""
+    ``get_ancestral_step``, eta = 1: the DDPM posterior in sigma space). ``clamp`` keeps ``sigma_up <= sigma_to``
+    against rounding, as k-diffusion and diffusers' DPM-Solver SDE do (Euler and KDPM2 ancestral do not)."""
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    if clamp:
+        sigma_up = torch.minimum(sigma_to, sigma_up)
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_up, sigma_down
 
 
-class EulerDiscreteScheduler(VESigmaMixin):
+class ChurnEulerMixin(VESigmaMixin):
+    """The Euler step with Karras' stochastic churn, shared by Euler and EDM Euler, which differ only in the
+    denoiser ``D(x; sigma)`` (:meth:`_denoise`)."""
+
+    def _denoise(self, model_output, sample, sigma, sigma_hat):
+        raise NotImplementedError
+
+    def _churn_step(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
+                    return_dict, denoised=None) -> SchedulerOutput | tuple:
+        """One Euler step ``x + (x - D(x)) / sigma_hat * (sigma_next - sigma_hat)``; with ``s_churn > 0``
+        noise first raises sigma to ``sigma_hat = sigma (1 + gamma)`` (Karras et al. 2022, Alg. 2). A given
+        ``denoised`` replaces the model's."""
+        self._check_not_index(timestep)
+        self._warn_if_unscaled()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sample = sample.to(torch.float32)
+        sigma = self.sigmas[self.step_index]
+        gamma = churn_gamma(sigma, s_churn, len(self.sigmas) - 1, s_tmin, s_tmax)
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            noise = randn(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                          generator=generator)
+            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        if denoised is None:
+            denoised = self._denoise(model_output, sample, sigma, sigma_hat)
+        derivative = to_d(sample, denoised, sigma_hat)
+        prev_sample = sample + derivative * (self.sigmas[self.step_index + 1] - sigma_hat)
+        prev_sample = prev_sample.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+
+class EulerDiscreteScheduler(ChurnEulerMixin):
     """Euler steps of the probability-flow ODE, optionally with Karras' stochastic churn (``s_churn``).
 
     Same config fields, defaults and results as diffusers' ``EulerDiscreteScheduler``.
@@ -112,30 +150,13 @@ class EulerDiscreteScheduler(VESigmaMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
-        """One Euler step ``x + (x - D(x)) / sigma_hat * (sigma_next - sigma_hat)``; with ``s_churn > 0``
-        noise first raises sigma to ``sigma_hat = sigma (1 + gamma)`` (Karras et al. 2022, Alg. 2)."""
-        self._check_not_index(timestep)
-        self._warn_if_unscaled()
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sample = sample.to(torch.float32)
-        sigma = self.sigmas[self.step_index]
-        gamma = churn_gamma(sigma, s_churn, len(self.sigmas) - 1, s_tmin, s_tmax)
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = randn(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                          generator=generator)
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        """One Euler step (churn with ``s_churn > 0``): :meth:`ChurnEulerMixin._churn_step`."""
+        return self._churn_step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
+                                return_dict)
 
+    def _denoise(self, model_output, sample, sigma, sigma_hat):
         pt = self.config.prediction_type
-        denoised = ve_denoised(model_output, sample, sigma_hat if pt == "epsilon" else sigma, pt)
-        derivative = to_d(sample, denoised, sigma_hat)
-        prev_sample = sample + derivative * (self.sigmas[self.step_index + 1] - sigma_hat)
-        prev_sample = prev_sample.to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return prev_sample, denoised
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+        return ve_denoised(model_output, sample, sigma_hat if pt == "epsilon" else sigma, pt)
 
 
 class EulerAncestralDiscreteScheduler(VESigmaMixin):

@@ -10,6 +10,7 @@ from .base import SchedulerOutput
 from .euler import to_d
 from .predictions import ve_denoised
 from .sigmas import VESigmaMixin
+from .two_stage import two_stage_layout
 
 
 def heun_correct(first_derivative, second_derivative):
@@ -62,8 +63,7 @@ class HeunDiscreteScheduler(VESigmaMixin):
         sigmas, timesteps = self._sigma_schedule(n, timesteps)
         self._set_schedule(sigmas, timesteps, device)
         # Every inner sigma and timestep twice: the Euler stage and the correction evaluate the model there.
-        self.sigmas = torch.cat([self.sigmas[:1], self.sigmas[1:-1].repeat_interleave(2), self.sigmas[-1:]])
-        self.timesteps = torch.cat([self.timesteps[:1], self.timesteps[1:].repeat_interleave(2)])
+        self.sigmas, self.timesteps = two_stage_layout(self.sigmas, self.timesteps, self.timesteps[1:])
         self.prev_derivative = None
         self.dt = None
         self.sample = None

@@ -8,12 +8,18 @@ sigmas ``alpha_t = 1 - sigma_t`` and the network predicts ``v = eps - x_0`` (``f
 Sigma space (variance exploding; Euler, Heun, LMS): ``x = x_0 + sigma eps``, and the network saw the scaled input
 ``x / sqrt(sigma^2 + 1)`` (Karras et al. 2022, Table 1, VP column); the ``ve_x0`` column is the denoiser
 ``D(x; sigma)``.
+
+EDM (Karras et al. 2022, Table 1, EDM column, eq. 7): networks trained with EDM's preconditioning see
+``c_in x`` and ``c_noise`` and predict ``F`` with ``D(x; sigma) = c_skip x + c_out F``; ``sigma_data`` is the
+data's standard deviation. See :func:`edm_denoised`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import NamedTuple
+
+import torch
 
 from ..errors import LDMKitError
 
@@ -88,3 +94,32 @@ def to_x0_and_eps(model_output, sample, alpha_t, sigma_t, prediction_type: str):
 def ve_denoised(model_output, sample, sigma, prediction_type: str):
     """The denoiser ``D(x; sigma)`` (the x_0 estimate) of a sigma-space sample ``x = x_0 + sigma eps``."""
     return _column(prediction_type, "ve_x0")(model_output, sample, sigma)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EDM preconditioning (Karras et al. 2022, Table 1, EDM column)
+# ---------------------------------------------------------------------------------------------------------
+
+EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def edm_c_in(sigma, sigma_data: float):
+    """The input scale ``c_in = 1 / sqrt(sigma^2 + sigma_data^2)``."""
+    return 1 / ((sigma**2 + sigma_data**2) ** 0.5)
+
+
+def edm_c_noise(sigma):
+    """The network's noise input ``c_noise = ln(sigma) / 4`` (what EDM models take as the timestep)."""
+    return 0.25 * torch.log(sigma)
+
+
+def edm_denoised(model_output, sample, sigma, sigma_data: float, prediction_type: str):
+    """``D(x; sigma) = c_skip x + c_out F`` with ``c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)`` and
+    ``c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)`` (negated for ``v_prediction``, as diffusers does)."""
+    if prediction_type not in EDM_PREDICTION_TYPES:
+        raise bad_prediction_type(prediction_type, EDM_PREDICTION_TYPES)
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    if prediction_type == "v_prediction":
+        c_out = -c_out
+    return c_skip * sample + c_out * model_output

@@ -28,10 +28,11 @@ def training_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
     return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0, ramp=None) -> np.ndarray:
     """Karras et al. 2022, eq. 5:
-    ``sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
-    ramp = np.linspace(0, 1, n)
+    ``sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``; ``ramp`` replaces the
+    positions ``i/(n-1)`` (EDM's schedules)."""
+    ramp = np.linspace(0, 1, n) if ramp is None else np.asarray(ramp)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -62,9 +63,10 @@ def lu_lambda_sigmas(log_sigmas: np.ndarray, n: int) -> np.ndarray:
     return np.exp(log_max + np.linspace(0, 1, n) * (log_min - log_max))
 
 
-def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray, dtype=None) -> np.ndarray:
     """The (fractional) training timestep of each ``sigma``: linear interpolation in log sigma between the
-    two neighbouring training sigmas (k-diffusion's ``sigma_to_t``)."""
+    two neighbouring training sigmas (k-diffusion's ``sigma_to_t``). The weighting is in float64 unless ``dtype``
+    says otherwise (diffusers' KDPM2 samplers weight their midpoint sigmas in float32)."""
     sigma = np.asarray(sigma)
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
@@ -72,6 +74,8 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     high_idx = low_idx + 1
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    if dtype is not None:
+        low_idx, high_idx = low_idx.astype(dtype), high_idx.astype(dtype)
     t = (1 - w) * low_idx + w * high_idx
     return t.reshape(sigma.shape)
 
@@ -208,6 +212,8 @@ class SigmaSchedulerMixin(SchedulerMixin):
     # -- the one argument check and the one schedule builder ---------------------------------------------
 
     _timestep_dtype = np.float32  # of the timesteps given to the network (int64 for DPM-Solver / UniPC)
+    # The final sigma of a class without a final_sigmas_type field (DEIS always ends at sigma_min).
+    _default_final_sigmas_type = "zero"
     _prediction_types = PREDICTION_TYPES
 
     def _init_sigma_scheduler(self, rescale_betas_zero_snr: bool = False) -> None:
@@ -273,7 +279,7 @@ class SigmaSchedulerMixin(SchedulerMixin):
         """The scheduler's spacing rule: ``n`` float timesteps by ``timestep_spacing``."""
         cfg = self.config
         return spaced_timesteps(num_train_timesteps or cfg.num_train_timesteps, n, cfg.timestep_spacing,
-                                cfg.steps_offset, dtype=np.float32)
+                                cfg.steps_offset, dtype=self._timestep_dtype)
 
     def _sigma_schedule(self, n: int, timesteps=None, *, train=None, log_linear: bool = False,
                         bounds_from_training: bool = False, round_karras: bool = False,
@@ -325,7 +331,7 @@ class SigmaSchedulerMixin(SchedulerMixin):
 
     def _final_sigma(self, schedule=None):
         """0, or for ``final_sigmas_type='sigma_min'`` the last of ``schedule`` or the smallest training sigma."""
-        if self._own("final_sigmas_type") != "sigma_min":
+        if (self._own("final_sigmas_type") or self._default_final_sigmas_type) != "sigma_min":
             return 0
         if schedule is not None:
             return schedule[-1]
@@ -334,7 +340,9 @@ class SigmaSchedulerMixin(SchedulerMixin):
     def _set_schedule(self, sigmas: np.ndarray, timesteps: np.ndarray, device) -> None:
         """Store a schedule from :meth:`_sigma_schedule` (sigmas stay on the CPU: the steps index them there)."""
         self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
-        torch_dtype = torch.int64 if self._timestep_dtype == np.int64 else torch.float32
+        torch_dtype = {np.int64: torch.int64, np.float64: torch.float64}.get(self._timestep_dtype, torch.float32)
+        if torch_dtype == torch.float64 and device is not None and torch.device(device).type == "mps":
+            torch_dtype = torch.float32  # MPS has no float64 (diffusers falls back the same way)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch_dtype)
         self.num_inference_steps = len(timesteps)
         self._reset_step_index()
