@@ -262,6 +262,22 @@ def test_fused_autoencoder_matches(vaes):
             theirs.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
 
 
+@pytest.mark.parametrize("upcast", [False, True])
+def test_every_processor_in_half_precision(upcast):
+    torch.manual_seed(0)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, upcast_attention=upcast).eval()
+    tokens, context = torch.randn(2, 100, 64), torch.randn(2, 7, 32)
+    mask = torch.zeros(2, 1, 1, 7)
+    mask[..., 5:] = -10000.0
+    with torch.no_grad():
+        expected = attn(tokens, context, mask)
+        attn.to(torch.bfloat16)
+        for processor in (AttnProcessor2_0(), AttnProcessor(), SlicedAttnProcessor(3)):
+            attn.set_processor(processor)
+            out = attn(tokens.bfloat16(), context.bfloat16(), mask.bfloat16())
+            assert out.dtype == torch.bfloat16 and (out.float() - expected).abs().max() <= 1e-2
+
+
 def test_unet2d_processors(tiny_uncond_dir):
     ours = UNet2DModel.from_pretrained(tiny_uncond_dir, subfolder="unet")
     theirs = diffusers.UNet2DModel.from_pretrained(tiny_uncond_dir, subfolder="unet").eval()

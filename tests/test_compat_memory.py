@@ -18,7 +18,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ldmkit import DiffusionPipeline
 from ldmkit.errors import LDMKitError
 from ldmkit.loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG, bundled_folder
+from ldmkit.models import DecoderOutput, UNet2DConditionOutput
 from ldmkit.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+from ldmkit.models.ldmbert import LDMBertOutput
+from ldmkit.pipelines.memory import _find_device, _to_device
+from ldmkit.pipelines.pipeline_utils import ImagePipelineOutput
 from memory_probe import PeakMemory
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -124,6 +128,20 @@ def test_offload_covers_direct_calls_of_a_components_parts(superres):
         assert torch.equal(upscale(superres, **tiles), expected)
     superres.remove_all_hooks()
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in superres.unet.modules())
+
+
+def test_offload_moves_every_tensor_of_the_outputs():
+    """What crosses a component's border moves whole, in the same types (moved to "meta" here, the one other
+    device every machine has)."""
+    t = torch.ones(2)
+    tree = {"a": [t, (t, 3)], "unet": UNet2DConditionOutput(sample=t), "bert": LDMBertOutput(t),
+            "decoder": DecoderOutput(sample=t), "images": ImagePipelineOutput(images=t), "none": None}
+    moved = _to_device(tree, torch.device("meta"))
+    assert _find_device(((), tree)) == torch.device("cpu") and _find_device(((1, "x"), {})) is None
+    assert type(moved["a"][1]) is tuple and moved["a"][1][1] == 3 and moved["none"] is None
+    for key, first in (("unet", "sample"), ("bert", "last_hidden_state"), ("decoder", "sample"), ("images", "images")):
+        assert type(moved[key]) is type(tree[key]) and getattr(moved[key], first).is_meta
+    assert moved["decoder"].commit_loss is None and moved["images"]["images"].is_meta and moved["a"][0].is_meta
 
 
 # ----------------------------------------------------------------------------------------- sequential offload

@@ -233,7 +233,8 @@ class AttentionSlicingMixin:
     """``set_attention_slice`` (diffusers' method of its UNets): sliced attention in every layer."""
 
     def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
-        """``"auto"``: half of each layer's heads at a time; ``"max"``: one (batch x head) row at a time; an
+        """``"auto"``: half of each layer's heads at a time (at least one: diffusers' "auto" gives a one-head
+        layer a slice of 0 rows, which fails); ``"max"``: one (batch x head) row at a time; an
         int: that many rows in every layer; a list: one value per layer (in ``attn_processors`` order); None: off."""
         layers = [m for m in self.modules() if isinstance(m, Attention)]
         if slice_size == "auto":
