@@ -6,7 +6,7 @@ float rounding):
 
 - :class:`AttnProcessor2_0` (the default): ``torch.nn.functional.scaled_dot_product_attention``, whose fused
   kernels never materialise the ``L_q x L_kv`` score matrix where the backend has them;
-- :class:`AttnProcessor`: the scores written out (``baddbmm``, softmax, ``bmm``), diffusers' "default"
+- :class:`AttnProcessor`: the scores written out (``bmm`` or ``baddbmm``, softmax, ``bmm``), diffusers' "default"
   processor of ``set_default_attn_processor``;
 - :class:`SlicedAttnProcessor`: SDPA on ``slice_size`` (batch x head) rows at a time, so that even SDPA's
   math kernel holds at most ``slice_size * L_q * L_kv`` scores at once (``enable_attention_slicing``);
