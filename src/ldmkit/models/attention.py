@@ -1,104 +1,22 @@
-"""Attention blocks: multi-head (cross-)attention, the transformer block and the spatial transformer.
+"""Attention blocks: the transformer block and the spatial transformer, and the models' attention API.
 
-All attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels, no
-materialised score matrix where the backend allows it).
+The attention layer itself and its processors are in :mod:`ldmkit.models.attention_processor` (diffusers'
+layout); by default attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (fused
+kernels, no materialised score matrix where the backend allows it). :class:`AttentionMixin` and
+:class:`AttentionSlicingMixin` give a model diffusers' methods to list and swap the processors.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class Attention(nn.Module):
-    """Multi-head scaled dot-product attention, ``softmax(q k^T / sqrt(d)) v`` (Vaswani et al. 2017).
-
-    Two uses:
-    - token attention on ``(B, L, C)`` inputs, self- or cross-attention when ``encoder_hidden_states`` is
-      given (the transformer blocks of the LDM UNet, Rombach et al. 2022, sec. 3.3);
-    - the "spatial" attention block of the autoencoder / UNet2DModel on ``(B, C, H, W)`` inputs, with its
-      own ``group_norm``, a residual connection and ``rescale_output_factor``.
-    """
-
-    def __init__(
-        self,
-        query_dim: int,
-        cross_attention_dim: int | None = None,
-        heads: int = 8,
-        dim_head: int = 64,
-        dropout: float = 0.0,
-        bias: bool = False,
-        out_bias: bool = True,
-        upcast_attention: bool = False,
-        norm_num_groups: int | None = None,
-        eps: float = 1e-5,
-        residual_connection: bool = False,
-        rescale_output_factor: float = 1.0,
-    ):
-        super().__init__()
-        inner_dim = heads * dim_head
-        self.heads = heads
-        self.upcast_attention = upcast_attention
-        self.residual_connection = residual_connection
-        self.rescale_output_factor = rescale_output_factor
-        self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups else None
-        context_dim = cross_attention_dim or query_dim
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
-        # A ModuleList so that the keys are "to_out.0.*" as in diffusers checkpoints.
-        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``attention_mask`` is an additive bias broadcastable to ``(B, heads, L_q, L_kv)``."""
-        residual = hidden_states
-        spatial = hidden_states.ndim == 4
-        if spatial:
-            height, width = hidden_states.shape[-2:]
-            if self.group_norm is not None:
-                hidden_states = self.group_norm(hidden_states)
-            # (B, C, H, W) -> (B, H*W, C) as a view (contiguous for channels-last input).
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = self._split_heads(self.to_q(hidden_states))
-        key = self._split_heads(self.to_k(context))
-        value = self._split_heads(self.to_v(context))
-
-        dtype = query.dtype
-        if self.upcast_attention and dtype in (torch.float16, torch.bfloat16):
-            # The softmax of large half-precision scores overflows; compute the attention in float32.
-            query, key, value = query.float(), key.float(), value.float()
-            if attention_mask is not None:
-                attention_mask = attention_mask.float()
-        elif attention_mask is not None:
-            attention_mask = attention_mask.to(dtype)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        batch, _, length, head_dim = out.shape
-        out = out.transpose(1, 2).reshape(batch, length, self.heads * head_dim).to(dtype)
-        out = self.to_out[1](self.to_out[0](out))
-
-        if spatial:
-            # Back to (B, C, H, W) as a strided view; the residual addition writes the NCHW result.
-            out = out.transpose(1, 2).unflatten(2, (height, width))
-            out = residual + out if self.residual_connection else out.contiguous()
-        elif self.residual_connection:
-            out = out + residual
-        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
-
-    def _split_heads(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``(B, L, heads * d) -> (B, heads, L, d)`` as a view."""
-        batch, length, _ = tensor.shape
-        return tensor.view(batch, length, self.heads, -1).transpose(1, 2)
-
+from ..errors import LDMKitError
+from .attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 # Old diffusers checkpoints (before the unified Attention class) name the spatial attention's
 # projections query/key/value/proj_attn; they are the same Linear layers.
@@ -246,3 +164,92 @@ class Transformer2DModel(nn.Module):
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
     """A 1x1 conv weight ``(out, in, 1, 1)`` as the equivalent linear weight ``(out, in)`` (a view)."""
     return weight.flatten(1) if weight.ndim == 4 else weight
+
+
+class AttentionMixin:
+    """diffusers' attention API for a model made of :class:`Attention` layers. Processor names are the
+    layers' module paths plus ``.processor`` (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor``),
+    as diffusers names them."""
+
+    def _attention_layers(self) -> dict[str, Attention]:
+        return {name: module for name, module in self.named_modules() if isinstance(module, Attention)}
+
+    @property
+    def attn_processors(self) -> dict:
+        return {f"{name}.processor": layer.get_processor() for name, layer in self._attention_layers().items()}
+
+    def set_attn_processor(self, processor) -> None:
+        """One processor for every layer, or a dict ``{name: processor}`` naming every layer once."""
+        layers = self._attention_layers()
+        if not isinstance(processor, dict):
+            for layer in layers.values():
+                layer.set_processor(processor)
+            return
+        expected = {f"{name}.processor" for name in layers}
+        missing, unknown = sorted(expected - set(processor)), sorted(set(processor) - expected)
+        if missing or unknown:
+            raise LDMKitError(f"set_attn_processor: the dict must name each of the {len(expected)} attention "
+                              f"layers once (keys as in model.attn_processors); missing {missing[:3]}, "
+                              f"unknown {unknown[:3]}.")
+        for name, layer in layers.items():
+            layer.set_processor(processor[f"{name}.processor"])
+
+    def set_default_attn_processor(self) -> None:
+        """The written-out attention (:class:`AttnProcessor`) everywhere, as diffusers' method of this name."""
+        self.set_attn_processor(AttnProcessor())
+
+    def fuse_qkv_projections(self) -> None:
+        """One Linear for q/k/v (self-attention) or k/v (cross-attention) in every layer, with
+        :class:`FusedAttnProcessor2_0`; ``unfuse_qkv_projections`` restores the layers and processors."""
+        if not any(layer.fused_projections for layer in self._attention_layers().values()):
+            self._original_attn_processors = self.attn_processors
+        for layer in self._attention_layers().values():
+            layer.fuse_projections()
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self) -> None:
+        for layer in self._attention_layers().values():
+            layer.unfuse_projections()
+        original = self.__dict__.pop("_original_attn_processors", None)
+        if original is not None:
+            self.set_attn_processor(original)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """No xformers here: SDPA is memory-efficient attention already (its fused kernels never hold the
+        score matrix). Sets :class:`AttnProcessor2_0` everywhere and warns, so scripts keep running."""
+        warnings.warn(XFORMERS_MESSAGE, UserWarning, stacklevel=2)
+        self.set_attn_processor(AttnProcessor2_0())
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        self.set_attn_processor(AttnProcessor2_0())
+
+
+XFORMERS_MESSAGE = ("xformers is not used by ldmkit: attention already runs through torch's "
+                    "scaled_dot_product_attention, whose fused kernels do what xformers' memory-efficient "
+                    "attention does. The SDPA processor is now set on every attention layer; remove this call.")
+
+
+class AttentionSlicingMixin:
+    """``set_attention_slice`` (diffusers' method of its UNets): sliced attention in every layer."""
+
+    def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
+        """``"auto"``: half of each layer's heads at a time (at least one: diffusers' "auto" gives a one-head
+        layer a slice of 0 rows, which fails); ``"max"``: one (batch x head) row at a time; an
+        int: that many rows in every layer; a list: one value per layer (in ``attn_processors`` order); None: off."""
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        if slice_size == "auto":
+            sizes = [max(1, layer.sliceable_head_dim // 2) for layer in layers]
+        elif slice_size == "max":
+            sizes = [1] * len(layers)
+        elif isinstance(slice_size, list):
+            if len(slice_size) != len(layers):
+                raise LDMKitError(f"set_attention_slice: {len(slice_size)} sizes for {len(layers)} attention "
+                                  "layers; give one per layer, or one int for all.")
+            sizes = slice_size
+        elif slice_size is None or (isinstance(slice_size, int) and slice_size >= 1):
+            sizes = [slice_size] * len(layers)
+        else:
+            raise LDMKitError(f"slice_size must be 'auto', 'max', a positive int, a list or None, got "
+                              f"{slice_size!r}.")
+        for layer, size in zip(layers, sizes):
+            layer.set_attention_slice(size)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import rename_legacy_attention_keys
+from .attention import AttentionMixin, rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
+from .tiling import AutoencoderTilingMixin, per_sample
 from .unet_2d_blocks import check_spatial_input
 from .vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 
@@ -18,13 +19,14 @@ class AutoencoderKLOutput:
     latent_dist: DiagonalGaussianDistribution
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
     """Image autoencoder with a diagonal-Gaussian posterior and a KL penalty (Rombach et al. 2022, sec. 3.1).
 
     ``encode(x).latent_dist`` is ``q(z|x)``; diffusion runs on ``z * scaling_factor`` (sec. 4.3.2, appendix
     D.1) and ``decode`` maps ``z`` back to pixels in [-1, 1]. Config fields and parameter names are those of
     diffusers' ``AutoencoderKL``. ``shift_factor``, ``latents_mean``, ``latents_std`` and ``force_upcast``
-    are kept in the config for the pipelines; they do not change the network.
+    are kept in the config for the pipelines; they do not change the network. ``enable_tiling`` /
+    ``enable_slicing`` bound the memory of large images / batches (:class:`AutoencoderTilingMixin`).
     """
 
     def __init__(
@@ -59,13 +61,6 @@ class AutoencoderKL(ModelMixin):
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         self.use_slicing = False
 
-    def enable_slicing(self) -> None:
-        """Encode / decode one sample at a time: lower peak memory for large batches."""
-        self.use_slicing = True
-
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
         super().load_weights(rename_legacy_attention_keys(state), source=source)
 
@@ -73,10 +68,7 @@ class AutoencoderKL(ModelMixin):
         """Images ``(B, in_channels, H, W)`` in [-1, 1] -> posterior over ``(B, latent, H/f, W/f)``."""
         factor = 2 ** (len(self.config.block_out_channels) - 1)
         check_spatial_input(type(self).__name__, x, self.config.in_channels, factor, "images")
-        if self.use_slicing and x.shape[0] > 1:
-            moments = torch.cat([self._moments(part) for part in x.split(1)])
-        else:
-            moments = self._moments(x)
+        moments = per_sample(x, lambda part: self._encode_tiled(part, self._moments), self.use_slicing)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -87,10 +79,7 @@ class AutoencoderKL(ModelMixin):
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """Latents ``(B, latent_channels, h, w)`` (unscaled: divide by ``scaling_factor`` first) -> images."""
         check_spatial_input(type(self).__name__, z, self.config.latent_channels, 1, "latents")
-        if self.use_slicing and z.shape[0] > 1:
-            images = torch.cat([self._decode(part) for part in z.split(1)])
-        else:
-            images = self._decode(z)
+        images = per_sample(z, lambda part: self._decode_tiled(part, self._decode), self.use_slicing)
         return DecoderOutput(sample=images) if return_dict else (images,)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:

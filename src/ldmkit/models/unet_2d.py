@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LDMKitError
-from .attention import rename_legacy_attention_keys
+from .attention import AttentionMixin, AttentionSlicingMixin, rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
 from .unet_2d_blocks import UNetMidBlock2D, build_down_blocks, build_up_blocks, check_spatial_input
 from .unet_common import block_options, build_head, build_stem, count_levels, denoise, per_block
@@ -18,7 +18,7 @@ class UNet2DOutput:
     sample: torch.Tensor
 
 
-class UNet2DModel(ModelMixin):
+class UNet2DModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
     """The DDPM UNet (Ho et al. 2020, appendix B) with self-attention at chosen levels.
 
     Used by LDM for unconditional latent generation and, with the low-resolution image concatenated to

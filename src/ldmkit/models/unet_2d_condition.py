@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LDMKitError
+from .attention import AttentionMixin, AttentionSlicingMixin
 from .modeling_utils import ModelMixin
 from .unet_2d_blocks import UNetMidBlock2DCrossAttn, build_down_blocks, build_up_blocks, check_spatial_input
 from .unet_common import block_options, build_head, build_stem, count_levels, denoise, per_block
@@ -45,7 +46,7 @@ def _level_options(config: Mapping, num_blocks: int) -> tuple[dict[str, list], d
     return down, up
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
     """The LDM denoiser ``eps_theta(z_t, t, tau(y))`` (Rombach et al. 2022, eq. 3).
 
     A UNet of residual blocks (DDPM, Ho et al. 2020) whose levels carry spatial transformers that

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import rename_legacy_attention_keys
+from .attention import AttentionMixin, rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
+from .tiling import AutoencoderTilingMixin, per_sample
 from .unet_2d_blocks import check_spatial_input
 from .vae import Decoder, DecoderOutput, Encoder, VectorQuantizer
 
@@ -18,7 +19,7 @@ class VQEncoderOutput:
     latents: torch.Tensor
 
 
-class VQModel(ModelMixin):
+class VQModel(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
     """VQ-regularised image autoencoder (VQGAN first stage; Rombach et al. 2022, sec. 3.1).
 
     ``encode`` returns the continuous latents before quantisation (the diffusion model works on them);
@@ -26,7 +27,9 @@ class VQModel(ModelMixin):
     fields and parameter names are those of diffusers' ``VQModel``, with one deliberate difference: the
     default ``scaling_factor`` is 1.0, the latent scale every CompVis VQ model was trained with, so that
     published configs that state none (ldm-celebahq-256) decode correctly (diffusers' default 0.18215
-    gives garbage there, its issue 6725). A config that states a factor is obeyed.
+    gives garbage there, its issue 6725). A config that states a factor is obeyed. ``enable_tiling`` /
+    ``enable_slicing`` bound the memory of large images / batches (:class:`AutoencoderTilingMixin`; diffusers'
+    VQModel raises NotImplementedError for both); the quantiser always sees the whole latent.
     """
 
     _inert_config_keys = {"norm_type": "group", "lookup_from_codebook": False}
@@ -68,7 +71,7 @@ class VQModel(ModelMixin):
         """Images ``(B, in_channels, H, W)`` in [-1, 1] -> unquantised latents ``(B, vq_dim, H/f, W/f)``."""
         factor = 2 ** (len(self.config.block_out_channels) - 1)
         check_spatial_input(type(self).__name__, x, self.config.in_channels, factor, "images")
-        latents = self.quant_conv(self.encoder(x))
+        latents = per_sample(x, lambda part: self._encode_tiled(part, self._latents), self.use_slicing)
         return VQEncoderOutput(latents=latents) if return_dict else (latents,)
 
     def decode(self, h: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True
@@ -80,8 +83,15 @@ class VQModel(ModelMixin):
             commit_loss = torch.zeros(h.shape[0], device=h.device, dtype=h.dtype)
         else:
             quantized, commit_loss, _ = self.quantize(h)
-        images = self.decoder(self.post_quant_conv(quantized))
+        # Quantisation is per position: it runs once on the whole latent; tiles and slices decode its output.
+        images = per_sample(quantized, lambda part: self._decode_tiled(part, self._decode), self.use_slicing)
         return DecoderOutput(sample=images, commit_loss=commit_loss) if return_dict else (images, commit_loss)
+
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def _decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(quantized))
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """Reconstruct ``sample`` through the quantised bottleneck."""

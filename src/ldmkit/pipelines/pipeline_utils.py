@@ -24,6 +24,7 @@ from ..randomness import randn_tensor
 from ..registry import COMPVIS_FAMILIES, PIPELINES, loader
 from .checks import check_latents
 from .denoising import Predict, Sampling, decode_first_stage, make_step
+from .memory import MemoryMixin
 from .reuse import build_from_pipe, component_entry
 
 
@@ -53,7 +54,7 @@ def convert_images(images: torch.Tensor, output_type: str):
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(MemoryMixin):
     """Base of every pipeline.
 
     Subclasses list their components in ``__init__``'s signature; those names are the folder names on disk.
