@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..outputs import BaseOutput
 from .attention import rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
 from .unet_2d_blocks import check_spatial_input
@@ -14,7 +15,7 @@ from .vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 
 
 @dataclass
-class AutoencoderKLOutput:
+class AutoencoderKLOutput(BaseOutput):
     latent_dist: DiagonalGaussianDistribution
 
 
@@ -26,6 +27,8 @@ class AutoencoderKL(ModelMixin):
     diffusers' ``AutoencoderKL``. ``shift_factor``, ``latents_mean``, ``latents_std`` and ``force_upcast``
     are kept in the config for the pipelines; they do not change the network.
     """
+
+    _supports_gradient_checkpointing = True
 
     def __init__(
         self,
@@ -47,6 +50,7 @@ class AutoencoderKL(ModelMixin):
         use_quant_conv: bool = True,
         use_post_quant_conv: bool = True,
         mid_block_add_attention: bool = True,
+        **inert_features,
     ):
         super().__init__()
         self.register_config(locals())

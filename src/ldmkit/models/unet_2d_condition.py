@@ -8,13 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LDMKitError
+from ..outputs import BaseOutput
 from .modeling_utils import ModelMixin
 from .unet_2d_blocks import UNetMidBlock2DCrossAttn, build_down_blocks, build_up_blocks, check_spatial_input
 from .unet_common import block_options, build_head, build_stem, count_levels, denoise, per_block
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(BaseOutput):
     sample: torch.Tensor
 
 
@@ -55,6 +56,7 @@ class UNet2DConditionModel(ModelMixin):
     of the cross-attention blocks (a historical misnomer) unless ``num_attention_heads`` is given.
     """
 
+    _supports_gradient_checkpointing = True
     _inert_config_keys = {
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "only_cross_attention": False,
@@ -110,6 +112,7 @@ class UNet2DConditionModel(ModelMixin):
         upcast_attention: bool = False,
         resnet_time_scale_shift: str = "default",
         time_embedding_dim: int | None = None,
+        **inert_features,
     ):
         super().__init__()
         self.register_config(locals())

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..outputs import BaseOutput
 from .attention import rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
 from .unet_2d_blocks import check_spatial_input
@@ -14,7 +15,7 @@ from .vae import Decoder, DecoderOutput, Encoder, VectorQuantizer
 
 
 @dataclass
-class VQEncoderOutput:
+class VQEncoderOutput(BaseOutput):
     latents: torch.Tensor
 
 
@@ -29,6 +30,8 @@ class VQModel(ModelMixin):
     gives garbage there, its issue 6725). A config that states a factor is obeyed.
     """
 
+    # diffusers' VQModel refuses gradient checkpointing; its encoder and decoder are ours, which support it.
+    _supports_gradient_checkpointing = True
     _inert_config_keys = {"norm_type": "group", "lookup_from_codebook": False}
 
     def __init__(
@@ -48,6 +51,7 @@ class VQModel(ModelMixin):
         scaling_factor: float = 1.0,
         mid_block_add_attention: bool = True,
         force_upcast: bool = False,
+        **inert_features,
     ):
         super().__init__()
         self.register_config(locals())
