@@ -33,7 +33,8 @@ def parse_dtype(dtype) -> torch.dtype | None:
 class ModelMixin(nn.Module, ConfigMixin):
     """Base of every network: ``from_pretrained`` / ``save_pretrained`` with diffusers' files.
 
-    Parameter names equal diffusers' state_dict keys, so loading is a strict ``load_state_dict``.
+    Parameter names equal diffusers' state_dict keys, so loading is a strict ``load_state_dict``. ``config``
+    has diffusers' keys, those of features ldmkit lacks at their "off" value (:meth:`register_config`).
     """
 
     weights_stems: tuple[str, ...] = ("diffusion_pytorch_model",)
