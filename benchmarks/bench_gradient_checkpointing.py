@@ -8,10 +8,10 @@ pass keeps for backward (the activations) and the peak the whole step adds (forw
 temporaries). On the CPU that is the resident set size, its peak reset before the step (``/proc/self/
 clear_refs``), with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so that a freed tensor leaves
 the resident set at once; with ``--device cuda`` it is torch's allocated CUDA memory. Time is the fastest of
-the next steps (on a shared CPU the fastest is the least disturbed). Results go to
-benchmarks/results/gradient_checkpointing.json.
+a few steps per mode, the modes alternating in one process (on a shared CPU the fastest is the least
+disturbed). Results go to benchmarks/results/gradient_checkpointing.json.
 
-    python benchmarks/bench_gradient_checkpointing.py                # every case (~3 min on 2 cores)
+    python benchmarks/bench_gradient_checkpointing.py                # every case (~6 min on 2 shared cores)
     python benchmarks/bench_gradient_checkpointing.py --only unet    # cases whose name starts so
 """
 
@@ -94,8 +94,8 @@ class Memory:
         return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
-def child(name: str, checkpointing: bool, device: str, steps: int) -> dict:
-    """One case in one mode, in this (fresh) process."""
+def child(name: str, checkpointing: bool, device: str) -> dict:
+    """The memory of one case in one mode, in this (fresh) process."""
     model, inputs = build(name)
     model.to(device)
     inputs = tuple(x.to(device) for x in inputs)
@@ -112,66 +112,79 @@ def child(name: str, checkpointing: bool, device: str, steps: int) -> dict:
     kept = memory.now() - before
     loss.backward()
     peak = memory.peak() - before
-    times = []
-    for _ in range(steps):
-        model.zero_grad(set_to_none=False)
-        start = time.perf_counter()
-        step(model, inputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    mib = 2**20
-    return {"kept_for_backward_mib": round(kept / mib, 1), "peak_step_memory_mib": round(peak / mib, 1),
-            "step_s": round(min(times), 4) if times else None, "grad_abs_sum": grad_sum,
-            "parameters": model.num_parameters()}
+    return {"kept_for_backward_mib": round(kept / 2**20, 1), "peak_step_memory_mib": round(peak / 2**20, 1),
+            "grad_abs_sum": grad_sum, "parameters": model.num_parameters()}
 
 
-def run_case(name: str, checkpointing: bool, args) -> dict:
+def step_times(name: str, device: str, rounds: int) -> tuple[float, float]:
+    """The fastest step without and with checkpointing, the two modes alternating in one process (on a
+    shared machine the fastest of a few is the least disturbed, and alternating spreads the disturbance)."""
+    model, inputs = build(name)
+    model.to(device)
+    inputs = tuple(x.to(device) for x in inputs)
+    step(model, inputs)
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for mode in (0, 1):
+            (model.enable_gradient_checkpointing if mode else model.disable_gradient_checkpointing)()
+            model.zero_grad(set_to_none=False)
+            start = time.perf_counter()
+            step(model, inputs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[mode] = min(best[mode], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def run_child(name: str, checkpointing: bool, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--threads", str(args.threads)]
     cmd += ["--checkpointing"] if checkpointing else []
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def compare(name: str, args) -> dict:
+    plain, checkpointed = run_child(name, False, args), run_child(name, True, args)
+    _, _, batch, shape = CASES[name]
+    row = {"case": name, "batch_size": batch, "input_shape": list(shape), "parameters": plain["parameters"]}
+    for key in ("kept_for_backward_mib", "peak_step_memory_mib"):
+        row[key], row[key + "_checkpointed"] = plain[key], checkpointed[key]
+    row["peak_memory_saved_fraction"] = round(1 - checkpointed["peak_step_memory_mib"]
+                                              / plain["peak_step_memory_mib"], 3)
+    row["step_s"], row["step_s_checkpointed"] = (round(t, 4) for t in step_times(name, args.device, args.rounds))
+    row["time_cost_fraction"] = round(row["step_s_checkpointed"] / row["step_s"] - 1, 3)
+    # Two warm-up steps' gradients, summed: the same in both modes.
+    row["grad_relative_difference"] = abs(checkpointed["grad_abs_sum"] - plain["grad_abs_sum"]) / plain["grad_abs_sum"]
+    print(f"{name:32s} kept {row['kept_for_backward_mib']:7.1f} -> {row['kept_for_backward_mib_checkpointed']:7.1f}"
+          f" MiB, peak {row['peak_step_memory_mib']:7.1f} -> {row['peak_step_memory_mib_checkpointed']:7.1f} MiB"
+          f" ({100 * row['peak_memory_saved_fraction']:.0f}% less), step {row['step_s']:.3f} -> "
+          f"{row['step_s_checkpointed']:.3f} s", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="case names (prefix match)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after the measured one")
+    parser.add_argument("--rounds", type=int, default=4, help="timed steps per mode")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
-        torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child, args.checkpointing, args.device, args.steps)))
+        print(json.dumps(child(args.child, args.checkpointing, args.device)))
         return
-    results = []
-    for name in CASES:
-        if args.only and not any(name.startswith(o) for o in args.only):
-            continue
-        plain, checkpointed = run_case(name, False, args), run_case(name, True, args)
-        _, _, batch, shape = CASES[name]
-        row = {"case": name, "batch_size": batch, "input_shape": list(shape), "parameters": plain["parameters"]}
-        for key in ("kept_for_backward_mib", "peak_step_memory_mib", "step_s"):
-            row[key], row[key + "_checkpointed"] = plain[key], checkpointed[key]
-        row["peak_memory_saved_fraction"] = round(1 - checkpointed["peak_step_memory_mib"]
-                                                  / plain["peak_step_memory_mib"], 3)
-        row["time_cost_fraction"] = round(checkpointed["step_s"] / plain["step_s"] - 1, 3)
-        # Two warm-up steps' gradients, summed: the same in both modes.
-        row["grad_relative_difference"] = abs(checkpointed["grad_abs_sum"] - plain["grad_abs_sum"]) \
-            / plain["grad_abs_sum"]
-        print(f"{name:32s} kept {plain['kept_for_backward_mib']:7.1f} -> {checkpointed['kept_for_backward_mib']:7.1f}"
-              f" MiB, peak {plain['peak_step_memory_mib']:7.1f} -> {checkpointed['peak_step_memory_mib']:7.1f} MiB"
-              f" ({100 * row['peak_memory_saved_fraction']:.0f}% less), step {plain['step_s']:.3f} -> "
-              f"{checkpointed['step_s']:.3f} s", flush=True)
-        results.append(row)
+    results = [compare(name, args) for name in CASES
+               if not args.only or any(name.startswith(o) for o in args.only)]
     report = {"machine": platform.processor() or platform.machine(), "device": args.device,
               "threads": args.threads, "torch": torch.__version__,
-              "measure": "after 2 warm-up steps, one step: memory the forward keeps for backward, and the peak "
-                         "the step adds (CPU: resident set size, CUDA: allocated); step time: the fastest of the "
-                         "following steps",
+              "measure": "memory (a fresh process per mode, after 2 warm-up steps): what one step's forward keeps "
+                         "for backward, and the peak the step adds (CPU: resident set size, CUDA: allocated); "
+                         "time: the fastest of --rounds steps per mode, the modes alternating in one process",
+              "note": "on a CPU shared with other jobs the step times are noisy (a quiet run of the text UNet "
+                      "measured 0.45 -> 0.62 s a step); the memory is the same from run to run",
               "results": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
