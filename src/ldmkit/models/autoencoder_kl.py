@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..outputs import BaseOutput
 from .attention import AttentionMixin, rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
 from .tiling import AutoencoderTilingMixin, per_sample
@@ -15,7 +16,7 @@ from .vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 
 
 @dataclass
-class AutoencoderKLOutput:
+class AutoencoderKLOutput(BaseOutput):
     latent_dist: DiagonalGaussianDistribution
 
 
@@ -28,6 +29,8 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
     are kept in the config for the pipelines; they do not change the network. ``enable_tiling`` /
     ``enable_slicing`` bound the memory of large images / batches (:class:`AutoencoderTilingMixin`).
     """
+
+    _supports_gradient_checkpointing = True
 
     def __init__(
         self,
@@ -49,6 +52,7 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
         use_quant_conv: bool = True,
         use_post_quant_conv: bool = True,
         mid_block_add_attention: bool = True,
+        **inert_features,
     ):
         super().__init__()
         self.register_config(locals())

@@ -12,14 +12,16 @@ mask is needed (one may still be passed).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import LDMKitError
+from ..outputs import BaseOutput
+from .checkpointing import Checkpointed
 from .modeling_utils import ModelMixin
 
 # The transformers release whose config.json layout we write; its LDMBert fields are unchanged since 4.21.
@@ -53,24 +55,16 @@ _ACTIVATIONS = {
 }
 
 
-class LDMBertOutput(tuple):
-    """``(last_hidden_state,)``, read as ``out.last_hidden_state``, ``out[0]`` or ``out["last_hidden_state"]``
-    as transformers' ``BaseModelOutput`` (diffusers' pipeline does ``bert(ids)[0]``)."""
+@dataclass
+class LDMBertOutput(BaseOutput):
+    """transformers' ``BaseModelOutput``, which diffusers' LDMBert returns: read as ``out.last_hidden_state``,
+    ``out[0]``, ``out["last_hidden_state"]`` or ``out.to_tuple()`` (diffusers' pipeline does ``bert(ids)[0]``).
+    ``hidden_states`` (with ``output_hidden_states=True``) holds the input of each layer and the final output;
+    ``attentions`` is always None (the attention runs in SDPA, which does not return its weights)."""
 
-    def __new__(cls, last_hidden_state: torch.Tensor):
-        return super().__new__(cls, (last_hidden_state,))
-
-    @property
-    def last_hidden_state(self) -> torch.Tensor:
-        return tuple.__getitem__(self, 0)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key != "last_hidden_state":
-                # A mapping's KeyError, as transformers' BaseModelOutput raises for a field it lacks.
-                raise KeyError(f"{key!r}: LDMBertOutput holds only 'last_hidden_state'")
-            return self.last_hidden_state
-        return super().__getitem__(key)
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class LDMBertAttention(nn.Module):
@@ -129,7 +123,7 @@ class LDMBertEncoderLayer(nn.Module):
         return x
 
 
-class LDMBertEncoder(nn.Module):
+class LDMBertEncoder(Checkpointed, nn.Module):
     def __init__(self, vocab_size: int, max_positions: int, d_model: int, num_layers: int, layer_kwargs: dict,
                  dropout: float):
         super().__init__()
@@ -138,19 +132,20 @@ class LDMBertEncoder(nn.Module):
         self.layers = nn.ModuleList([LDMBertEncoderLayer(d_model, **layer_kwargs) for _ in range(num_layers)])
         self.layer_norm = nn.LayerNorm(d_model)
         self.dropout = dropout
-        self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None, keep_states: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The final hidden states and, with ``keep_states``, each layer's input and the final states."""
         # Positions are computed here, not kept in a buffer, so the checkpoint's keys load strictly.
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed_tokens(input_ids) + self.embed_positions(positions)
         x = F.dropout(x, self.dropout, self.training)
+        states = []
         for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, mask, use_reentrant=False)
-            else:
-                x = layer(x, mask)
-        return self.layer_norm(x)
+            states.append(x)
+            x = self.run_part(layer, x, mask)
+        x = self.layer_norm(x)
+        return x, ((*states, x) if keep_states else None)
 
 
 # diffusers keeps LDMBertModel in its latent_diffusion pipeline package, so model_index.json says so.
@@ -165,6 +160,7 @@ class LDMBertModel(ModelMixin, library="latent_diffusion"):
     # transformers' names: model.safetensors, pytorch_model.bin (ModelMixin.save_pretrained writes the first
     # stem as safetensors and the last as a pickle).
     weights_stems = ("model", "pytorch_model")
+    _supports_gradient_checkpointing = True
     # transformers' BART ignores these fairseq leftovers when loading.
     _ignored_checkpoint_keys = (r".*encoder\.version", r".*decoder\.version")
 
@@ -209,15 +205,21 @@ class LDMBertModel(ModelMixin, library="latent_diffusion"):
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.model.gradient_checkpointing = True
+    def gradient_checkpointing_enable(self) -> None:
+        """transformers' name of :meth:`enable_gradient_checkpointing` (diffusers' LDMBert is a transformers
+        model)."""
+        self.enable_gradient_checkpointing()
 
-    def disable_gradient_checkpointing(self) -> None:
-        self.model.gradient_checkpointing = False
+    def gradient_checkpointing_disable(self) -> None:
+        self.disable_gradient_checkpointing()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LDMBertOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None
+                ) -> LDMBertOutput | tuple:
         """Encode token ids ``[B, L]`` (L <= max_position_embeddings). ``attention_mask`` (1 = attend) is
-        optional: the published pipeline attends to the padding."""
+        optional: the published pipeline attends to the padding. ``output_hidden_states`` and
+        ``return_dict`` (default True: an :class:`LDMBertOutput`, else a tuple of its set fields) as
+        transformers'."""
         if input_ids.ndim != 2:
             raise LDMKitError("LDMBertModel expects input_ids of shape [batch, length], "
                               f"got {tuple(input_ids.shape)}.")
@@ -232,7 +234,9 @@ class LDMBertModel(ModelMixin, library="latent_diffusion"):
             blocked = attention_mask[:, None, None, :].to(device=input_ids.device) == 0
             mask = torch.zeros(blocked.shape, dtype=dtype, device=input_ids.device)
             mask = mask.masked_fill(blocked, torch.finfo(dtype).min)
-        return LDMBertOutput(self.model(input_ids, mask))
+        hidden, states = self.model(input_ids, mask, keep_states=bool(output_hidden_states))
+        output = LDMBertOutput(last_hidden_state=hidden, hidden_states=states)
+        return output if return_dict is None or return_dict else output.to_tuple()
 
     @classmethod
     def _split_config(cls, config) -> tuple[dict, dict]:

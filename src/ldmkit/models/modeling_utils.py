@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..configuration import ConfigMixin
+from ..configuration import ConfigMixin, FrozenDict
 from ..errors import LDMKitError
 from ..loading.hub import resolve_folder
 from ..loading.hub_upload import push_saved, upload_after_save
 from ..loading.options import parse_load_kwargs
 from ..loading.weights import find_weights, load_state_dict, save_weights
 from ..registry import COMPONENTS
+from .checkpointing import checkpoint_call
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -32,7 +34,8 @@ def parse_dtype(dtype) -> torch.dtype | None:
 class ModelMixin(nn.Module, ConfigMixin):
     """Base of every network: ``from_pretrained`` / ``save_pretrained`` with diffusers' files.
 
-    Parameter names equal diffusers' state_dict keys, so loading is a strict ``load_state_dict``.
+    Parameter names equal diffusers' state_dict keys, so loading is a strict ``load_state_dict``. ``config``
+    has diffusers' keys, those of features ldmkit lacks at their "off" value (:meth:`register_config`).
     """
 
     weights_stems: tuple[str, ...] = ("diffusion_pytorch_model",)
@@ -53,8 +56,67 @@ class ModelMixin(nn.Module, ConfigMixin):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters (each shared one once), as diffusers' ``ModelMixin.num_parameters``.
+
+        only_trainable: count only those that require gradients.
+        exclude_embeddings: leave out the weights of ``nn.Embedding`` layers (token, position, class tables).
+        """
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in embeddings and (p.requires_grad or not only_trainable))
+
+    # ------------------------------------------------------------------------------ gradient checkpointing
+    # Networks whose blocks are ``Checkpointed`` set this, as diffusers' classes do.
+    _supports_gradient_checkpointing: bool = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them: less peak memory
+        when training, one more forward pass, the same gradients (see :mod:`.checkpointing`).
+
+        ``gradient_checkpointing_func(block_part, *args)`` replaces torch's non-reentrant checkpoint (as in
+        diffusers). Inference (``torch.no_grad``) is unaffected.
+        """
+        if not self._supports_gradient_checkpointing:
+            raise LDMKitError(f"{type(self).__name__} does not support gradient checkpointing (it has no "
+                              "checkpointed blocks); train it without enable_gradient_checkpointing().")
+        self._set_gradient_checkpointing(True, gradient_checkpointing_func or checkpoint_call)
+
+    def disable_gradient_checkpointing(self) -> None:
+        if self._supports_gradient_checkpointing:
+            self._set_gradient_checkpointing(False, checkpoint_call)
+
+    def _set_gradient_checkpointing(self, enable: bool, func: Callable) -> None:
+        blocks = [m for m in self.modules() if hasattr(m, "gradient_checkpointing")]
+        assert blocks, f"{type(self).__name__} says it supports gradient checkpointing but has no such block"
+        for block in blocks:
+            block.gradient_checkpointing = enable
+            block._gradient_checkpointing_func = func
+
+    # ------------------------------------------------------------------------------------------- config
+    def register_config(self, init_locals: dict) -> None:
+        """The ``__init__`` arguments, plus diffusers' keys of the features ldmkit does not implement
+        (``_inert_config_keys``) at the value that turns them off, so that ``config`` and config.json have
+        diffusers' keys.
+
+        ``inert_features`` (the ``**`` argument of the networks' ``__init__``) takes those keys when a
+        network is built directly (``UNet2DConditionModel(**diffusers_unet.config)``): a key that asks for
+        a missing feature is an error naming it, one that is not diffusers' at all a TypeError, as for any
+        unknown keyword; ``_``-prefixed keys (``_class_name``) are dropped, as diffusers does.
+        """
+        init_locals = dict(init_locals)
+        features = {k: v for k, v in (init_locals.pop("inert_features", None) or {}).items() if not k.startswith("_")}
+        _, unknown = self._split_config(features)  # raises for a feature asked for
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__init__() got unexpected keyword arguments "
+                            f"{', '.join(sorted(unknown))}")
+        super().register_config(init_locals)
+        self._internal_config = FrozenDict({**self._internal_config, **self._inert_config_keys})
 
     @classmethod
     def from_pretrained(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LDMKitError
+from ..outputs import BaseOutput
 from .attention import AttentionMixin, AttentionSlicingMixin, rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
 from .unet_2d_blocks import UNetMidBlock2D, build_down_blocks, build_up_blocks, check_spatial_input
@@ -14,7 +15,7 @@ from .unet_common import block_options, build_head, build_stem, count_levels, de
 
 
 @dataclass
-class UNet2DOutput:
+class UNet2DOutput(BaseOutput):
     sample: torch.Tensor
 
 
@@ -29,6 +30,7 @@ class UNet2DModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
     Config fields and parameter names are those of diffusers' ``UNet2DModel``.
     """
 
+    _supports_gradient_checkpointing = True
     _inert_config_keys = {"time_embedding_type": "positional", "class_embed_type": None}
 
     def __init__(
@@ -60,6 +62,7 @@ class UNet2DModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
         add_attention: bool = True,
         num_class_embeds: int | None = None,
         num_train_timesteps: int | None = None,  # only used by diffusers' "learned" time embedding
+        **inert_features,
     ):
         super().__init__()
         self.register_config(locals())

@@ -8,7 +8,8 @@ blocks without cross-attention ignore ``encoder_hidden_states``.
 The blocks differ only in what they are built of (their names, arguments and parameter names are
 diffusers'); one pass per kind runs them: :class:`_DownLevel`, :class:`_UpLevel` and :class:`_MidLevel`.
 :func:`build_down_blocks` / :func:`build_up_blocks` build the levels of a UNet, encoder or decoder from its
-config.
+config. The passes run each resnet and attention through ``run_part``, so that gradient checkpointing
+(:mod:`.checkpointing`) can recompute them in the backward pass instead of keeping their activations.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..errors import LDMKitError
 from .attention import Attention, Transformer2DModel
+from .checkpointing import Checkpointed
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -109,14 +111,15 @@ def _transformers(channels: int, num_layers: int, num_heads: int, depth: int | l
         for i in range(num_layers)])
 
 
-def _attend(attention: nn.Module, hidden_states, encoder_hidden_states, encoder_attention_mask) -> torch.Tensor:
+def _attend(level: Checkpointed, attention: nn.Module, hidden_states, encoder_hidden_states,
+            encoder_attention_mask) -> torch.Tensor:
     # A spatial transformer cross-attends to the conditioning; spatial self-attention ignores it.
     if isinstance(attention, Transformer2DModel):
-        return attention(hidden_states, encoder_hidden_states, encoder_attention_mask)
-    return attention(hidden_states)
+        return level.run_part(attention, hidden_states, encoder_hidden_states, encoder_attention_mask)
+    return level.run_part(attention, hidden_states)
 
 
-class _DownLevel(nn.Module):
+class _DownLevel(Checkpointed, nn.Module):
     """The pass of a down block: per layer a resnet (then its attention, if any), then the downsampler;
     every output is a skip. Subclasses choose the parts (their arguments are diffusers' block arguments)."""
 
@@ -128,9 +131,9 @@ class _DownLevel(nn.Module):
     def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
         skips = []
         for i, resnet in enumerate(self.resnets):
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = self.run_part(resnet, hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = _attend(self.attentions[i], hidden_states, encoder_hidden_states,
+                hidden_states = _attend(self, self.attentions[i], hidden_states, encoder_hidden_states,
                                         encoder_attention_mask)
             skips.append(hidden_states)
         if self.downsamplers is not None:
@@ -139,7 +142,7 @@ class _DownLevel(nn.Module):
         return hidden_states, skips
 
 
-class _UpLevel(nn.Module):
+class _UpLevel(Checkpointed, nn.Module):
     """The pass of an up block: per layer a resnet over ``concat(hidden, skip)`` (then its attention, if
     any), then the upsampler. Subclasses choose the parts (their arguments are diffusers' block arguments)."""
 
@@ -154,16 +157,16 @@ class _UpLevel(nn.Module):
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
                 hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = self.run_part(resnet, hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = _attend(self.attentions[i], hidden_states, encoder_hidden_states,
+                hidden_states = _attend(self, self.attentions[i], hidden_states, encoder_hidden_states,
                                         encoder_attention_mask)
         if self.upsamplers is not None:
             hidden_states = _resample(self.upsamplers[0], hidden_states, temb)
         return hidden_states
 
 
-class _MidLevel(nn.Module):
+class _MidLevel(Checkpointed, nn.Module):
     """The pass of a mid block: ``resnet -> (attention -> resnet) x num_layers``; attention optional."""
 
     def __init__(self, resnets: nn.ModuleList, attentions: nn.ModuleList | None):
@@ -171,12 +174,12 @@ class _MidLevel(nn.Module):
         self.resnets, self.attentions = resnets, attentions
 
     def forward(self, hidden_states, temb=None, encoder_hidden_states=None, encoder_attention_mask=None):
-        hidden_states = self.resnets[0](hidden_states, temb)
+        hidden_states = self.run_part(self.resnets[0], hidden_states, temb)
         for i, resnet in enumerate(self.resnets[1:]):
             if self.attentions is not None:
-                hidden_states = _attend(self.attentions[i], hidden_states, encoder_hidden_states,
+                hidden_states = _attend(self, self.attentions[i], hidden_states, encoder_hidden_states,
                                         encoder_attention_mask)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = self.run_part(resnet, hidden_states, temb)
         return hidden_states
 
 

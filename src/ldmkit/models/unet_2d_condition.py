@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LDMKitError
+from ..outputs import BaseOutput
 from .attention import AttentionMixin, AttentionSlicingMixin
 from .modeling_utils import ModelMixin
 from .unet_2d_blocks import UNetMidBlock2DCrossAttn, build_down_blocks, build_up_blocks, check_spatial_input
@@ -15,7 +16,7 @@ from .unet_common import block_options, build_head, build_stem, count_levels, de
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(BaseOutput):
     sample: torch.Tensor
 
 
@@ -56,6 +57,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
     of the cross-attention blocks (a historical misnomer) unless ``num_attention_heads`` is given.
     """
 
+    _supports_gradient_checkpointing = True
     _inert_config_keys = {
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "only_cross_attention": False,
@@ -111,6 +113,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
         upcast_attention: bool = False,
         resnet_time_scale_shift: str = "default",
         time_embedding_dim: int | None = None,
+        **inert_features,
     ):
         super().__init__()
         self.register_config(locals())

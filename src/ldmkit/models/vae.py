@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..outputs import BaseOutput
 from ..randomness import randn_tensor
 from .unet_2d_blocks import UNetMidBlock2D, build_down_blocks, build_up_blocks
 
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(BaseOutput):
     sample: torch.Tensor
     commit_loss: torch.Tensor | None = None
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..outputs import BaseOutput
 from .attention import AttentionMixin, rename_legacy_attention_keys
 from .modeling_utils import ModelMixin
 from .tiling import AutoencoderTilingMixin, per_sample
@@ -15,7 +16,7 @@ from .vae import Decoder, DecoderOutput, Encoder, VectorQuantizer
 
 
 @dataclass
-class VQEncoderOutput:
+class VQEncoderOutput(BaseOutput):
     latents: torch.Tensor
 
 
@@ -32,6 +33,8 @@ class VQModel(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
     VQModel raises NotImplementedError for both); the quantiser always sees the whole latent.
     """
 
+    # diffusers' VQModel refuses gradient checkpointing; its encoder and decoder are ours, which support it.
+    _supports_gradient_checkpointing = True
     _inert_config_keys = {"norm_type": "group", "lookup_from_codebook": False}
 
     def __init__(
@@ -51,6 +54,7 @@ class VQModel(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
         scaling_factor: float = 1.0,
         mid_block_add_attention: bool = True,
         force_upcast: bool = False,
+        **inert_features,
     ):
         super().__init__()
         self.register_config(locals())

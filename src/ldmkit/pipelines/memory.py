@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import LDMKitError
+from ..loading.options import check_device_available
 from ..models.attention import XFORMERS_MESSAGE
 from ..models.attention_processor import AttnProcessor2_0
-from .checks import check_device
 
 HOME = torch.device("cpu")
 
@@ -137,7 +137,7 @@ def offload_device(gpu_id: int | None, device, method: str) -> torch.device | No
             return None
         device = kind
     device = torch.device(device)
-    check_device(device)
+    check_device_available(device, "device")
     if gpu_id is not None and (not isinstance(gpu_id, int) or gpu_id < 0):
         raise LDMKitError(f"gpu_id must be a non-negative int, got {gpu_id!r}.")
     if gpu_id is not None and device.index is not None:

@@ -310,8 +310,12 @@ class StepBatchSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, sampler: StepBatchSampler, num_workers: int) -> torch.utils.data.DataLoader:
+    # The loader's own generator: without one, starting to iterate draws its base seed from torch's global RNG,
+    # which then feeds dropout one draw later in a resumed run than in the uninterrupted one (the data itself
+    # never uses that seed: every draw comes from the step, see sample_rng).
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                                       generator=torch.Generator().manual_seed(0))
 
 
 __all__ = ["ImageDataset", "ImageFolder", "Record", "StepBatchSampler", "collate", "crop_and_flip", "load_rgb",

@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None   # None / "auto": on for GPU mixed precision (slower on CPU, measured)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ema: EMAConfig = field(default_factory=EMAConfig)
     log_every: int = 10

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import LDMKitError
 from ..io import atomic_write_text
+from ..models import ModelMixin
 from ..utils import make_image_grid
 from . import checkpoints
 from .data import StepBatchSampler, make_loader
@@ -122,6 +123,8 @@ def build_state(run: Run, task: Task) -> TrainState:
         module.to(run.device)
         if run.channels_last:
             module.to(memory_format=torch.channels_last)
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(module)
     names = list(task.wrapped)
     prepared = run.accelerator.prepare(*task.wrapped.values())
     task.wrapped = dict(zip(names, prepared if len(names) > 1 else [prepared]))
@@ -136,6 +139,15 @@ def build_state(run: Run, task: Task) -> TrainState:
     ema = EMA(task.ema_module(), cfg.ema.decay) if cfg.ema.enabled else None
     scaler = torch.amp.GradScaler(run.device.type) if run.mixed_precision == "fp16" else None
     return TrainState(run, task, slots, ema, scaler, MetricsLog(run.output_dir / "metrics.jsonl"))
+
+
+def _enable_gradient_checkpointing(module: nn.Module) -> None:
+    """Checkpoint every trained network in ``module`` that supports it (the UNet, LDMBert, the autoencoder;
+    not the discriminator). Set at every start, so a resumed run checkpoints as the first one did: it changes
+    memory and time, never the numbers."""
+    for network in module.modules():
+        if isinstance(network, ModelMixin) and network._supports_gradient_checkpointing:
+            network.enable_gradient_checkpointing()
 
 
 def _prepare_output_dir(state: TrainState, resumed: bool) -> None:
