@@ -13,12 +13,14 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
-from .. import __version__, schedulers
+from .. import __version__
 from ..errors import LDMKitError
 from ..io import atomic_path, parse_json_object
 from ..loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
 from ..loading.diffusers_layout import resolve_pipeline_folder
 from ..pipelines import DiffusionPipeline
+from ..pipelines.presets import SAMPLERS as SCHEDULERS
+from ..pipelines.presets import pick_device, pick_dtype, set_sampler
 from ..utils import make_image_grid
 
 EXAMPLES = """examples:
@@ -32,30 +34,6 @@ EXAMPLES = """examples:
 bundled models (offline): ldmkit:emoji-text2img (txt2img default), ldmkit:emoji-superres-4x (upscale default)
 """
 
-# --scheduler names -> (class name, config overrides)
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "dpm++sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpm-single": ("DPMSolverSinglestepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2-karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
-    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpm2-a-karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "dpm-sde": ("DPMSolverSDEScheduler", {}),  # "dpm++sde" above is DPM-Solver++(2M) SDE
-    "dpm-sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    # EDMEulerScheduler is left out: it samples EDM-preconditioned models, which no ldmkit pipeline holds.
-}
-
 # txt2img --from-png: the options an ldmkit PNG's metadata restores, with the types they must have.
 FROM_PNG_KEYS = {"model": (str,), "prompt": (str,), "negative_prompt": (str, type(None)), "seed": (int,),
                  "steps": (int,), "guidance": (int, float), "eta": (int, float), "scheduler": (str, type(None)),
@@ -65,26 +43,6 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LDMKitError("--device cuda, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LDMKitError("--device mps, but MPS is not available here; use --device cpu (or auto).")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # fp32 on the CPU (exact); half precision where the hardware is made for it
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def load_pipeline(model: str | None, device: str, dtype: str, quiet: bool = False) -> DiffusionPipeline:
     """The pipeline on the chosen device and dtype; ``quiet`` turns off its progress bar (this pipeline's
     only: the CLI sets no global)."""
@@ -101,11 +59,7 @@ def resolve_model(model: str | None) -> str:
     return model
 
 
-def set_scheduler(pipe: DiffusionPipeline, name: str | None) -> None:
-    if name is None:
-        return
-    class_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(schedulers, class_name).from_config(pipe.scheduler.config, **overrides)
+set_scheduler = set_sampler  # the CLI's name for it
 
 
 def slug(text: str, limit: int = 48) -> str:
