@@ -30,8 +30,14 @@ def test_txt2img_metadata_round_trip_and_no_overwrite(capsys, tiny_text2img_dir,
     assert "ldmkit_version" in meta
     code, again, _ = run(capsys, "txt2img", "--from-png", first, "-o", tmp_path, "--quiet")
     assert code == 0 and again[0] != first  # a new name: nothing is overwritten
-    a, b = (np.asarray(PIL.Image.open(p)) for p in (first, again[0]))
-    assert np.array_equal(a, b)  # regenerating from the metadata gives the same pixels
+    a, b = (np.asarray(PIL.Image.open(p), dtype=np.int16) for p in (first, again[0]))
+    # The first image was made in a batch of 2 and replayed alone: CPU kernels block a batch differently, so the
+    # floats differ by ~1e-6 and a rare pixel may round to the next 8-bit level; never more than that.
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+    code, single, _ = run(capsys, *base[:-2], "-o", tmp_path / "single")
+    code, replay, _ = run(capsys, "txt2img", "--from-png", single[0], "-o", tmp_path / "single", "--quiet")
+    a, b = (np.asarray(PIL.Image.open(p)) for p in (single[0], replay[0]))
+    assert np.array_equal(a, b)  # made alone, replayed alone: the same pixels
     code, forced, _ = run(capsys, *base, "--force")
     assert code == 0 and forced[0] == first
 
