@@ -143,6 +143,8 @@ def create_app(config: ServeConfig, page: bool | None = None) -> FastAPI:
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def unknown_route(request: Request, rest: str):  # before the page, which takes every other path
+        if any(route.path_regex.match(request.url.path) for route in (*router.routes, *jobs_router.routes)):
+            raise APIError(405, f"{request.method} is not allowed on {request.url.path}.", None, "method_not_allowed")
         raise APIError(404, f"No route {request.url.path}; see GET /v1/models and POST /v1/images/generations.",
                        None, "unknown_route")
 

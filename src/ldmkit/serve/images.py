@@ -36,7 +36,10 @@ def decode_upload(data: bytes, param: str, max_pixels: int) -> Image.Image:
                 raise too_large(f"'{param}' is {width}x{height} = {width * height} pixels; this server decodes at "
                                 f"most {max_pixels} (--max-upload-pixels). Send a smaller image.", param)
             image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_large(f"'{param}' declares more pixels than this server decodes (--max-upload-pixels "
+                        f"{max_pixels}); send a smaller image.", param) from None
+    except UnidentifiedImageError as e:
         raise bad_request(f"'{param}' is not a PNG, JPEG or WebP image this server can read ({type(e).__name__}).",
                           param, "invalid_image") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
