@@ -5,6 +5,7 @@ image. CI installs chromium (.ci/run); without it the browser test skips and say
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from serve_utils import decode_png, running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# docs/serve-screenshot.png is rewritten only with LDMKIT_UPDATE_SCREENSHOT=1 (so a test run leaves the tree clean)
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serve-screenshot.png"
 # <meta> previews (og:image, twitter:image) are read by link unfurlers, never loaded by the page itself.
 META = re.compile(r"<meta[^>]+>", re.S)
@@ -49,7 +51,7 @@ def test_page_references_no_other_host(server):
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install "
                     "chromium; .ci/run installs it in CI)")
-def test_a_real_browser_generates_an_image(server):
+def test_a_real_browser_generates_an_image(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     base, _ = server
     other_hosts = []
@@ -70,8 +72,9 @@ def test_a_real_browser_generates_an_image(server):
             await r.arrayBuffer()); let s = ''; for (const x of b) s += String.fromCharCode(x); return btoa(s); }""",
                              src)
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(SCREENSHOT))
+        shot = SCREENSHOT if os.environ.get("LDMKIT_UPDATE_SCREENSHOT") == "1" else tmp_path / "page.png"
+        page.screenshot(path=str(shot))
         browser.close()
     assert decode_png(base64.b64decode(data)).size == (32, 32)
     assert other_hosts == []
-    assert SCREENSHOT.stat().st_size < 200_000
+    assert decode_png(shot.read_bytes()).size == (1000, 720) and shot.stat().st_size < 200_000
