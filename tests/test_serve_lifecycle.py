@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from ldmkit.cli import main
+from ldmkit.serve.config import ServeConfig, api_key_from_env
+from ldmkit.serve.server import warn_if_exposed
 from serve_utils import build_inpaint_folder, decode_png, free_port, running_server
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -82,3 +84,13 @@ def test_edits_run_the_inpainting_pipeline(tmp_path, one_torch_thread):
         assert image.shape == (32, 32, 3)
         assert np.abs(image[keep] - rgba[..., :3][keep]).max() <= 1  # the known pixels are kept
     assert not np.array_equal(images[0], images[1])  # seeds 4 and 5
+
+
+def test_exposed_without_a_key_warns(caplog, monkeypatch):
+    assert warn_if_exposed(ServeConfig(host="0.0.0.0")) and "without an API key" in caplog.text
+    assert not warn_if_exposed(ServeConfig(host="0.0.0.0", api_key="k"))
+    assert not warn_if_exposed(ServeConfig())  # 127.0.0.1
+    monkeypatch.setenv("LDMKIT_API_KEY", "from-env")
+    assert api_key_from_env(None) == "from-env" and api_key_from_env("given") == "given"
+    monkeypatch.setenv("LDMKIT_API_KEY", "")
+    assert api_key_from_env(None) is None

@@ -43,11 +43,17 @@ def make_server(config: ServeConfig, page: bool | None = None) -> DrainingServer
     return DrainingServer(uv, serve.drain)
 
 
-def serve_forever(config: ServeConfig) -> int:
-    """Block serving ``config`` until stopped; the exit status."""
+def warn_if_exposed(config: ServeConfig) -> bool:
     if config.exposed and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it; give "
                     "--api-key (or LDMKIT_API_KEY)", config.host)
+        return True
+    return False
+
+
+def serve_forever(config: ServeConfig) -> int:
+    """Block serving ``config`` until stopped; the exit status."""
+    warn_if_exposed(config)
     server = make_server(config)
     log.info("ldmkit serve on http://%s:%d (models: %s; preset %s; queue depth %d, batches of up to %d)",
              config.host, config.port, ", ".join(config.models), config.preset, config.queue_depth, config.max_batch)
