@@ -14,10 +14,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from ldmkit.cli import main
+from ldmkit.serve.app import create_app
 from ldmkit.serve.config import ServeConfig, api_key_from_env
+from ldmkit.serve.errors import APIError
+from ldmkit.serve.params import JobSpec
 from ldmkit.serve.server import warn_if_exposed
 from serve_utils import build_inpaint_folder, decode_png, free_port, running_server
 
@@ -94,3 +98,18 @@ def test_exposed_without_a_key_warns(caplog, monkeypatch):
     assert api_key_from_env(None) == "from-env" and api_key_from_env("given") == "given"
     monkeypatch.setenv("LDMKIT_API_KEY", "")
     assert api_key_from_env(None) is None
+
+
+def test_loading_and_draining_answer_503(tmp_path):
+    app = create_app(ServeConfig(output=tmp_path), page=False)
+    client = TestClient(app)  # no lifespan: the models never load
+    r = client.get("/ready")
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    r = client.post("/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "loading" and r.headers["Retry-After"] == "2"
+    assert client.get("/health").status_code == 200
+    queue = app.state.serve.queue
+    queue.drain(0)
+    with pytest.raises(APIError, match="shutting down") as caught:
+        queue.submit(JobSpec(kind="text2img", model="m", seeds=[1], steps=1))
+    assert caught.value.status == 503
