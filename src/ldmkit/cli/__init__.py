@@ -1,7 +1,7 @@
 """The ``ldmkit`` command line (``ldmkit = "ldmkit.cli:main"``, ``python -m ldmkit``).
 
 One parser with one sub-command module each: ``generate`` (txt2img, upscale, sample, info), ``train``,
-``convert`` and ``data``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line on stderr and exit
+``convert``, ``data`` and ``serve``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line on stderr and exit
 status 2; an interrupt is exit status 130.
 """
 
@@ -16,6 +16,7 @@ from ..errors import LDMKitError
 from .convert import add_convert_parser
 from .data import add_data_parser
 from .generate import EXAMPLES, add_generate_parsers, read_png_metadata
+from .serve import add_serve_parser
 from .train import add_train_parser
 
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_convert_parser(sub)
     add_data_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
