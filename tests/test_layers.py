@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 LAYERS = [
     ("low", ["ldmkit.errors", "ldmkit.io", "ldmkit.configuration", "ldmkit.randomness", "ldmkit.registry",
-             "ldmkit.outputs", "ldmkit.utils", "ldmkit.loading"]),
+             "ldmkit.outputs", "ldmkit.utils", "ldmkit.loading", "ldmkit.startup"]),
     ("networks", ["ldmkit.models", "ldmkit.schedulers", "ldmkit.tokenizer"]),
     ("pipelines", ["ldmkit.pipelines"]),
     ("assembly", ["ldmkit.assembly", "ldmkit"]),

@@ -7,6 +7,7 @@ any ``import ldmkit...`` runs this file first, so they are always there.
 
 __version__ = "0.1.0"
 
+from . import startup  # noqa: F401, I001  (first: as the `ldmkit` command, Ctrl-C while torch imports is one line)
 from . import assembly  # noqa: F401  (registers the pipelines' loaders)
 from .configuration import ConfigMixin, FrozenDict
 from .errors import LDMKitError

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import LDMKitError
+from ..io import Terminated, terminate_as_exception
 from .convert import add_convert_parser
 from .data import add_data_parser
 from .generate import EXAMPLES, add_generate_parsers, read_png_metadata
@@ -35,10 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Ctrl-C (KeyboardInterrupt) and SIGTERM (:class:`~ldmkit.io.Terminated`) are raised as
+    exceptions, so that every atomic write removes its temporary file and nothing half-written stays."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            terminate_as_exception()
         return int(args.func(args) or 0)
     except LDMKitError as e:
         print(f"ldmkit {args.command}: error: {e}", file=sys.stderr)
@@ -46,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ldmkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"ldmkit {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 143
+    finally:
+        for sig, handler in previous.items():  # called in-process (tests, a script): leave no handler behind
+            signal.signal(sig, handler)
 
 
 __all__ = ["build_parser", "main", "read_png_metadata"]

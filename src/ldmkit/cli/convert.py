@@ -7,11 +7,10 @@ another dtype: how the bundled models were made from their fp32 training exports
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import LDMKitError
+from ..io import atomic_folder
 from ..pipelines import DiffusionPipeline
 
 
@@ -38,8 +37,8 @@ def add_convert_parser(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Convert, writing to a temporary folder beside the output and renaming it at the end, so a failure
-    leaves no half-written pipeline."""
+    """Convert, writing to a temporary folder beside the output and renaming it at the end, so a failure,
+    Ctrl-C or SIGTERM leaves no half-written pipeline (``atomic_folder``)."""
     out = Path(args.output).expanduser()
     _check_output(out, args.force)
     source = Path(args.checkpoint).expanduser()
@@ -56,13 +55,8 @@ def run_convert(args: argparse.Namespace) -> int:
                               "repository's configs/latent-diffusion/*.yaml or the one beside the checkpoint).")
         pipe = DiffusionPipeline.from_single_file(args.checkpoint, config=args.config, use_ema=args.use_ema,
                                                   torch_dtype=args.dtype, tokenizer=args.tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{out}  ({type(pipe).__name__}; load with DiffusionPipeline.from_pretrained({str(out)!r}))")
     return 0
 
@@ -76,19 +70,3 @@ def _check_output(out: Path, force: bool) -> None:
         if not (out / "model_index.json").is_file():
             raise LDMKitError(f"{out} is not a pipeline folder (no model_index.json); --force only replaces a "
                               "pipeline folder. Choose a new or empty folder.")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after the move."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        out.rename(old / out.name)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old is not None:
-            (old / out.name).rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -91,7 +91,22 @@ def resolve_dtype(dtype, torch_dtype, where: str):
     if dtype is not None and torch_dtype is not None:
         raise LDMKitError(f"{where} got both dtype= and torch_dtype=; pass only dtype= (torch_dtype is its older "
                           "name).")
-    return torch_dtype if dtype is None else dtype
+    return check_load_dtype(torch_dtype if dtype is None else dtype, where)
+
+
+# The torch dtypes models can load and run in; float8 and the integer/complex types cannot run a UNet.
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_load_dtype(dtype, where: str):
+    """Refuse a torch dtype no model can load in (``torch.int8`` used to fail deep inside torch's ``to``), also
+    as a value of a per-component dict; names ("fp16", "auto") are left to the code that reads them."""
+    values = dtype.values() if isinstance(dtype, Mapping) else (dtype,)
+    for value in values:
+        if isinstance(value, torch.dtype) and value not in LOADABLE_DTYPES:
+            raise LDMKitError(f"{where}: dtype {value} cannot hold model weights; use torch.float32, torch.float16 "
+                              "or torch.bfloat16 (quantized loading is not supported).")
+    return dtype
 
 
 def nearest(name: str, valid: Iterable[str]) -> str:

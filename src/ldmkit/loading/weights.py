@@ -27,6 +27,7 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
         raise LDMKitError(f"Weight file {path} is missing. Re-download or re-save the model.")
     if path.name.endswith(".json"):
         return _load_sharded(path, mmap)
+    check_not_text(path)
     if path.suffix in SAFE_SUFFIXES:
         from safetensors import SafetensorError
         from safetensors.torch import load, load_file
@@ -36,6 +37,37 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise LDMKitError(f"{path} is corrupt or truncated ({e}). Re-download or re-save it.") from None
     return _load_pickle(path)
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_not_text(path: Path) -> None:
+    """Refuse a text file where weights should be, saying what it is: a git-lfs pointer (the repository was
+    cloned without git-lfs), a saved web page or URL, or other text. Weight files are binary from their first
+    bytes (safetensors' 8-byte header length, a zip or a pickle opcode), so the head alone decides."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if head.startswith(LFS_POINTER):
+        raise LDMKitError(f"{path} is a git-lfs pointer, not the weights: the repository was cloned without "
+                          "git-lfs. Run `git lfs install && git lfs pull` in it (or download the file itself).")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not merely a character cut at the end of the head
+            return  # binary: a weight file, or damage the loader reports
+        text = head[: e.start].decode("utf-8")
+    if not head or any(c not in "\t\n\r" and not c.isprintable() for c in text):
+        return
+    lower = text.lstrip().lower()
+    if lower.startswith(("<!doctype html", "<html", "<?xml")):
+        what = "an HTML/XML page (a download that saved an error or login page instead of the file)"
+    elif lower.startswith(("http://", "https://", "[internetshortcut]")):
+        what = f"a saved link ({text.split()[-1] if lower.startswith('[') else text.split()[0]!s:.120})"
+    else:
+        what = f"a text file starting {text.strip()[:40]!r}"
+    raise LDMKitError(f"{path} is {what}, not model weights. Download the weight file itself "
+                      "(.safetensors or .ckpt) and pass that.")
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
