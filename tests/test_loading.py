@@ -92,8 +92,12 @@ def test_truncated_safetensors(copy_dir):
 
 
 def test_garbage_safetensors(copy_dir):
-    (copy_dir / "bert" / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    weights = copy_dir / "bert" / "model.safetensors"
+    weights.write_bytes(b"\x93\x07\xff garbage bytes, not a safetensors header \x00\x01")
     with pytest.raises(LDMKitError, match="corrupt or truncated"):
+        DiffusionPipeline.from_pretrained(copy_dir)
+    weights.write_bytes(b"not a safetensors file at all")  # text where weights should be: say so
+    with pytest.raises(LDMKitError, match="is a text file"):
         DiffusionPipeline.from_pretrained(copy_dir)
 
 
