@@ -22,7 +22,6 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
-
 from bench_emoji_quality import DOCS, RESULTS, ROOT, load, read_split, to_tensor
 
 SOLVERS = ("dpm++2m-karras", "unipc", "ddim", "deis")
