@@ -67,7 +67,8 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         ``guidance_scale`` s gives ``e = e_u + s (e_c - e_u)``: 1 (the default) is plain conditional
         sampling, the cin256 notebook uses 3.0; ``guidance_interval=(lo, hi)`` guides only
         the steps with noise level ``lo < sigma_t <= hi`` (see ``denoising.Guidance``).
-        ``callback_on_step_end(pipe, i, t, {"latents": ...})`` is called after every step; a dict it returns replaces the latents. ``output_type`` is "pil", "np"
+        ``callback_on_step_end(pipe, i, t, {"latents": ...})`` is called after every step; a dict it returns
+        replaces the latents. ``output_type`` is "pil", "np"
         (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
         """
         check_output_type(output_type)
