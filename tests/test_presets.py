@@ -32,3 +32,16 @@ def test_unknown_names_are_refused(pipe):
         apply_preset(pipe, "turbo")
     with pytest.raises(LDMKitError, match="unknown sampler"):
         set_sampler(pipe, "dpm++9m")
+
+
+def test_fast_preset_enables_cache_and_guidance_interval_exact_disables():
+    import ldmkit
+    from ldmkit.pipelines.presets import PRESETS, apply_preset
+
+    pipe = ldmkit.DiffusionPipeline.from_pretrained("ldmkit:emoji-text2img")
+    kwargs = apply_preset(pipe, "fast")
+    fast = PRESETS["fast"]
+    assert kwargs["guidance_interval"] == fast.guidance_interval
+    assert pipe.unet._feature_cache is not None and pipe.unet._feature_cache.interval == fast.cache_interval
+    assert "guidance_interval" not in apply_preset(pipe, "exact")
+    assert pipe.unet._feature_cache is None and pipe.predict_wrappers == []

@@ -31,6 +31,7 @@ class UNet2DModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _feature_cache = None  # set by pipe.enable_feature_cache()
     _inert_config_keys = {"time_embedding_type": "positional", "class_embed_type": None}
 
     def __init__(
@@ -104,5 +105,7 @@ class UNet2DModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
         channels, so ``in_channels`` counts both.
         """
         check_spatial_input(type(self).__name__, sample, self.config.in_channels, self._downsample_factor)
-        hidden_states = denoise(self, sample, timestep, class_labels)
+        # A feature cache (pipelines/feature_cache.py, DeepCache) may run only the shallow levels.
+        run = self._feature_cache.forward if self._feature_cache is not None else denoise
+        hidden_states = run(self, sample, timestep, class_labels)
         return UNet2DOutput(sample=hidden_states) if return_dict else (hidden_states,)

@@ -58,6 +58,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _feature_cache = None  # set by pipe.enable_feature_cache()
     _inert_config_keys = {
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "only_cross_attention": False,
@@ -162,7 +163,9 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
             # 1 = keep, 0 = drop, as an additive bias on the attention scores, broadcast over heads / queries.
             mask_bias = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0)[:, None, None, :]
 
-        hidden_states = denoise(self, sample, timestep, class_labels, encoder_hidden_states, mask_bias)
+        # A feature cache (pipelines/feature_cache.py, DeepCache) may run only the shallow levels.
+        run = self._feature_cache.forward if self._feature_cache is not None else denoise
+        hidden_states = run(self, sample, timestep, class_labels, encoder_hidden_states, mask_bias)
         return UNet2DConditionOutput(sample=hidden_states) if return_dict else (hidden_states,)
 
     def _check_inputs(self, sample, encoder_hidden_states, encoder_attention_mask) -> None:

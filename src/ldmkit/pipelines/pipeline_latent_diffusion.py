@@ -104,6 +104,7 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -120,7 +121,9 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         """Generate images from text.
 
         Guidance is classifier-free (Ho & Salimans 2021): ``e = e_u + s (e_c - e_u)`` for every ``s >= 0``;
-        ``s == 1`` skips the unconditional pass and ``s == 0`` the conditional one.
+        ``s == 1`` skips the unconditional pass and ``s == 0`` the conditional one. ``guidance_interval=(lo, hi)``
+        guides only the steps with noise level ``lo < sigma_t <= hi`` (Kynkaenniemi et al. 2024; see
+        ``denoising.Guidance``); the others run the conditional pass alone.
 
         ``callback_on_step_end(pipe, step_index, timestep, tensors)`` is called after every step with the
         tensors named in ``callback_on_step_end_tensor_inputs``; a dict it returns replaces them.
@@ -130,7 +133,7 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         check_output_type(output_type)
         if (prompt is None) == (prompt_embeds is None):
             raise LDMKitError("Pass either prompt or prompt_embeds (exactly one of them).")
-        guidance = Guidance(guidance_scale)
+        guidance = Guidance(guidance_scale, guidance_interval)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         height, width = self._check_size(height, width)
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
@@ -149,9 +152,10 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
                                        f"(batch, latent channels, height / {factor}, width / {factor})")
 
         def model(x, t):
-            return self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=context).sample
+            return self.unet(self.scheduler.scale_model_input(x, t), t,
+                             encoder_hidden_states=guidance.select(context)).sample
 
-        return self.generate(latents, guidance.wrap(model), sampling, output_type, return_dict)
+        return self.generate(latents, guidance.wrap(model, self.scheduler), sampling, output_type, return_dict)
 
     def _check_size(self, height, width) -> tuple[int, int]:
         factor, sample_size = self.vae_scale_factor, self.unet.config.sample_size

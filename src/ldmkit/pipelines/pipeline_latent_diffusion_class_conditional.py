@@ -53,6 +53,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         class_labels: int | list[int] | torch.Tensor,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -64,13 +65,15 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         """One image per entry of ``class_labels``.
 
         ``guidance_scale`` s gives ``e = e_u + s (e_c - e_u)``: 1 (the default) is plain conditional
-        sampling, the cin256 notebook uses 3.0. ``callback_on_step_end(pipe, i, t, {"latents": ...})`` is
-        called after every step; a dict it returns replaces the latents. ``output_type`` is "pil", "np"
+        sampling, the cin256 notebook uses 3.0; ``guidance_interval=(lo, hi)`` guides only
+        the steps with noise level ``lo < sigma_t <= hi`` (see ``denoising.Guidance``).
+        ``callback_on_step_end(pipe, i, t, {"latents": ...})`` is called after every step; a dict it returns
+        replaces the latents. ``output_type`` is "pil", "np"
         (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
         """
         check_output_type(output_type)
         labels = self._labels(class_labels)
-        guidance = Guidance(guidance_scale)
+        guidance = Guidance(guidance_scale, guidance_interval)
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
                             legacy_callback=legacy_callback(self.__call__, kwargs))
         sampling.check(labels.shape[0])
@@ -88,6 +91,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         latents = self.initial_latents(shape, latents, sampling, device, dtype)
 
         def model(x, t):
-            return self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=context).sample
+            return self.unet(self.scheduler.scale_model_input(x, t), t,
+                             encoder_hidden_states=guidance.select(context)).sample
 
-        return self.generate(latents, guidance.wrap(model), sampling, output_type, return_dict)
+        return self.generate(latents, guidance.wrap(model, self.scheduler), sampling, output_type, return_dict)

@@ -22,6 +22,7 @@ from ..models.modeling_utils import parse_dtype
 from ..outputs import BaseOutput
 from ..randomness import randn_tensor
 from ..registry import COMPVIS_FAMILIES, PIPELINES, loader
+from . import feature_cache
 from .checks import check_latents
 from .denoising import Predict, Sampling, decode_first_stage, make_step
 from .memory import MemoryMixin
@@ -152,6 +153,19 @@ class DiffusionPipeline(MemoryMixin):
             latents = step(model_output, t, latents)
             latents = self._end_step(sampling, i, t, latents, model_output)
         return latents
+
+    def enable_feature_cache(self, interval: int = 3, branch: int = 1, schedule: str = "uniform"):
+        """Reuse the UNet's deep features between steps (DeepCache, Ma et al. CVPR 2024): every full step
+        (``ceil(steps / interval)`` of them, placed by ``schedule``: "uniform" or "quadratic") runs the
+        whole UNet; the others run only the ``branch`` shallowest levels. See pipelines/feature_cache.py.
+        Returns the cache (its ``calls`` count full and shallow UNet runs)."""
+        if getattr(self, "unet", None) is None:
+            raise LDMKitError(f"{type(self).__name__} has no UNet: the feature cache applies to UNet pipelines.")
+        return feature_cache.enable(self, interval, branch, schedule)
+
+    def disable_feature_cache(self) -> None:
+        """Back to running the whole UNet at every step (bit-identical to a pipeline never cached)."""
+        feature_cache.disable(self)
 
     def _end_step(self, sampling: Sampling, i: int, t, latents: torch.Tensor, model_output: torch.Tensor):
         tensors = {"latents": latents, "noise_pred": model_output}
