@@ -155,7 +155,7 @@ def test_tensors_follow_diffusers_convention(sr, tiny_superres_dir):
 
 @pytest.mark.parametrize("image, message", [
     (torch.full((1, 3, 8, 8), 200.0), r"read in \[-1, 1\].*spans \[200, 200\]"),
-    (torch.full((1, 3, 8, 8), 200, dtype=torch.int64), "integer tensors must be uint8"),
+    (torch.full((1, 3, 8, 8), 200, dtype=torch.int64), r"must be uint8 \(0-255\).*image.to\(torch.uint8\)"),
 ])
 def test_tensors_outside_the_convention_are_refused(sr, image, message):
     with pytest.raises(LDMKitError, match=message):
