@@ -13,7 +13,7 @@ from ..errors import LDMKitError
 from ..models import AutoencoderKL, UNet2DModel, VQModel
 from .checks import check_output_type
 from .denoising import Sampling, legacy_callback
-from .image_processing import to_tensor
+from .image_processing import high_bit_to_unit, to_tensor
 from .pipeline_utils import DiffusionPipeline
 
 
@@ -24,8 +24,9 @@ def _mask_to_tensor(mask) -> torch.Tensor:
             raise LDMKitError("mask_image is an empty list.")
         return torch.cat([_mask_to_tensor(m) for m in mask])
     if isinstance(mask, PIL.Image.Image):
-        # scripts/inpaint.py: Image.convert("L"), then / 255.
-        mask = np.asarray(mask.convert("L"))
+        # scripts/inpaint.py: Image.convert("L"), then / 255 (16-bit and float masks: read at their depth).
+        gray = high_bit_to_unit(mask, "mask_image")
+        mask = gray if gray is not None else np.asarray(mask.convert("L"))
     if isinstance(mask, np.ndarray):
         if mask.dtype != np.uint8 and not np.issubdtype(mask.dtype, np.floating):
             raise LDMKitError(f"mask_image: numpy masks must be uint8 (0-255) or float (0-1), got {mask.dtype}.")
