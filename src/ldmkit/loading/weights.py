@@ -66,8 +66,8 @@ def check_not_text(path: Path) -> None:
         what = f"a saved link ({text.split()[-1] if lower.startswith('[') else text.split()[0]!s:.120})"
     else:
         what = f"a text file starting {text.strip()[:40]!r}"
-    raise LDMKitError(f"{path} is {what}, not model weights. Download the weight file itself "
-                      "(.safetensors or .ckpt) and pass that.")
+    raise LDMKitError(f"{path} is {what}, not model weights (a corrupt or truncated download?). Download the file "
+                      "itself (.safetensors or .ckpt) and pass that.")
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:

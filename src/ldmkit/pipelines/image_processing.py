@@ -126,7 +126,8 @@ def _tensor_to_nchw(image: torch.Tensor, name: str, signed: bool) -> torch.Tenso
         small = t.numel() and not t.is_complex() and t.dtype != torch.bool and 0 <= int(t.min()) <= int(t.max()) <= 255
         fix = "image.to(torch.uint8)" if small else \
             f"a float tensor in {'[-1, 1]' if signed else '[0, 1]'}"
-        raise LDMKitError(f"{name}: tensors must be uint8 (0-255) or floating point, got {t.dtype}; pass {fix}.")
+        raise LDMKitError(f"{name}: integer tensors must be uint8 (0-255) (or use a float tensor), got {t.dtype}; "
+                          f"pass {fix}.")
     t = t.float()
     if not torch.isfinite(t).all():
         raise LDMKitError(f"{name} contains NaN or infinite values.")
