@@ -8,9 +8,11 @@ a missing extra is the one-line message of :func:`_check_extras`.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from ..errors import LDMKitError
 from ..training.autoencoder import train_autoencoder
+from ..training.faults import TrainingInterrupted, TrainingTerminated
 from ..training.ldm import train_ldm
 from ..training.recipe import load_recipe
 
@@ -50,7 +52,13 @@ def run_train(args) -> int:
     overrides = list(getattr(args, "overrides", None) or []) + list(getattr(args, "dotted", None) or [])
     recipe = load_recipe(kind, args.config, overrides, getattr(args, "output_dir", None))
     run = train_autoencoder if kind == "autoencoder" else train_ldm
-    run(recipe, resume=getattr(args, "resume", None))
+    try:
+        run(recipe, resume=getattr(args, "resume", None))
+    except (TrainingInterrupted, TrainingTerminated) as e:
+        # Stopped by a signal between two steps, after writing a checkpoint: one line that says where it is.
+        # (A signal outside the loop, or a second one, reaches cli.main as KeyboardInterrupt / Terminated.)
+        print(f"ldmkit train: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,8 +28,10 @@ from ..utils import make_image_grid
 from . import checkpoints
 from .data import StepBatchSampler, make_loader
 from .ema import EMA
+from .faults import StopSignals, commit_folder, disk_errors, recover_folder, removed_on_error
 from .metrics import MetricsLog, plot_loss_curve, save_png
 from .recipe import Recipe, TrainConfig, to_yaml
+from .recipe_check import RECIPE_FILE, check_recipe
 from .run import Run, Task, start_run
 from .step_random import StepRandom, step_seed
 
@@ -103,14 +104,21 @@ class LogWindow:
 def train(task: Task, recipe: Recipe, resume: str | None = None) -> Path:
     """Run ``task`` to ``train.max_steps`` (resuming if asked) and export; returns the exported folder."""
     run = start_run(recipe)
-    resume_path = checkpoints.resolve_resume(run.output_dir, resume)
-    state = build_state(run, task)
+    if run.is_main:  # first: a kill between a re-save's two renames left the checkpoint set aside
+        checkpoints.remove_partials(run.output_dir)
+    run.barrier()
+    resume_path, damaged = checkpoints.resolve_resume(run.output_dir, resume)
     if resume_path is not None:
-        _restore(state, resume_path)
-    _prepare_output_dir(state, resumed=resume_path is not None)
-    sampler, loader = _data(state)
-    _loop(state, sampler, loader)
-    return _finish(state)
+        check_recipe(resume_path, recipe)  # before building anything
+    with disk_errors("the run's files", run.output_dir):
+        state = build_state(run, task)
+        if resume_path is not None:
+            _restore(state, resume_path)
+        _prepare_output_dir(state, resumed=resume_path is not None, damaged=damaged)
+        sampler, loader = _data(state)
+        with StopSignals() as stop:  # SIGINT / SIGTERM: finish the step, save, stop (faults.py)
+            _loop(state, sampler, loader, stop)
+            return _finish(state, stop)
 
 
 def build_state(run: Run, task: Task) -> TrainState:
@@ -150,11 +158,13 @@ def _enable_gradient_checkpointing(module: nn.Module) -> None:
             network.enable_gradient_checkpointing()
 
 
-def _prepare_output_dir(state: TrainState, resumed: bool) -> None:
-    """Clear what a killed run left half-written, save the recipe, and cut the log back to the resumed step."""
+def _prepare_output_dir(state: TrainState, resumed: bool, damaged: list[Path]) -> None:
+    """Set damaged checkpoints aside, save the recipe, and cut the log back to the resumed step."""
     run = state.run
+    if damaged:
+        run.barrier()  # every process has read its checkpoint before one is renamed
     if run.is_main:
-        checkpoints.remove_partials(run.output_dir)
+        checkpoints.set_aside_damaged(damaged)
         atomic_write_text(run.output_dir / "recipe.yaml", to_yaml(run.recipe))
         if resumed:
             state.metrics.truncate_after(state.step)
@@ -178,8 +188,8 @@ def _data(state: TrainState):
     return sampler, loader
 
 
-def _loop(state: TrainState, sampler: StepBatchSampler, loader) -> None:
-    cfg = state.cfg
+def _loop(state: TrainState, sampler: StepBatchSampler, loader, stop: StopSignals) -> None:
+    cfg, run = state.cfg, state.run
     progress = _progress_bar(state.run, cfg, state.step)
     batches = iter(loader)
     window = LogWindow()
@@ -192,6 +202,8 @@ def _loop(state: TrainState, sampler: StepBatchSampler, loader) -> None:
             progress.update(1)
             if state.step < cfg.max_steps:  # the last step's evaluation, samples and checkpoint are _finish's
                 _periodic(state)
+                if stop.requested(run.world_size, run.device):
+                    stop.stop(state.step, _save_if_new(state))
     finally:
         progress.close()
 
@@ -227,13 +239,14 @@ def _periodic(state: TrainState) -> None:
         _save(state)
 
 
-def _finish(state: TrainState) -> Path:
+def _finish(state: TrainState, stop: StopSignals) -> Path:
     """Evaluate, sample and save at the last step, then export (EMA weights if the recipe says so)."""
     run = state.run
     _evaluate(state)
     _sample(state)
-    if state.last_saved != state.step:  # decided alike on every process (saving is collective)
-        _save(state)
+    saved = _save_if_new(state)
+    if stop.requested(run.world_size, run.device):
+        stop.stop(state.step, saved)
     final = run.output_dir / FINAL
     if run.is_main:
         _export(state, final)
@@ -344,19 +357,21 @@ def _export(state: TrainState, final: Path) -> None:
     partial = final.parent / f".{final.name}.partial"
     if partial.exists():
         shutil.rmtree(partial)
-    with _ema_weights(state):
+    recover_folder(final)
+    with removed_on_error(partial), _ema_weights(state):
         state.task.export(partial)
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, final)
+    commit_folder(partial, final)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_if_new(state: TrainState) -> Path | None:
+    """Save unless the newest checkpoint is of this step (decided alike on every process: saving is a
+    collective); returns the checkpoint of this step."""
+    if state.last_saved != state.step:
+        _save(state)
+    return checkpoints.checkpoint_dir(state.run.output_dir, state.step)
 
 
 def _save(state: TrainState) -> None:
@@ -373,7 +388,7 @@ def _save(state: TrainState) -> None:
             "world_size": run.world_size, "seed": run.recipe.seed, "unreadable_images": sorted(state.unreadable)}
     checkpoints.save_checkpoint(run.output_dir, state.step, payload, meta, rank=run.rank, is_main=run.is_main,
                                 barrier=run.barrier, keep_last=cfg.keep_last,
-                                extra_text={"recipe.yaml": to_yaml(run.recipe)})
+                                extra_text={RECIPE_FILE: to_yaml(run.recipe)})
     state.last_saved = state.step
     if run.is_main:
         plot_loss_curve(state.metrics.records(), run.output_dir / "loss.png")
@@ -381,7 +396,7 @@ def _save(state: TrainState) -> None:
 
 def _restore(state: TrainState, path: Path) -> None:
     """Load the checkpoint at ``path`` into ``state`` (weights, optimizers, EMA, scaler, RNG, step)."""
-    run, cfg = state.run, state.cfg
+    run = state.run
     names = ["models", "optimizers"] + (["ema"] if state.ema is not None else [])
     names += ["scaler"] if state.scaler is not None else []
     payload, meta, rng = checkpoints.load_checkpoint(path, names, run.rank)
@@ -398,10 +413,7 @@ def _restore(state: TrainState, path: Path) -> None:
         state.scaler.load_state_dict(payload["scaler"])
     if rng is not None:
         checkpoints.set_rng_state(rng)
-    if meta.get("batch_size") != cfg.batch_size:
-        logger.warning("Resuming with train.batch_size=%s, the checkpoint used %s: the data order continues "
-                       "from step %d but differs from the original run's.", cfg.batch_size,
-                       meta.get("batch_size"), meta["step"])
+    # A changed batch size (or any key that changes the results) was refused by check_recipe.
     if run.is_main:
         logger.info("Resumed from %s (step %d).", path, meta["step"])
     state.step = state.last_saved = int(meta["step"])
