@@ -224,12 +224,25 @@ def remove_partials(output_dir: Path) -> None:
 
 
 def _save(path: Path, obj) -> None:
-    # Through a Python file object: torch.save to a path writes with C++ streams, and a full disk then surfaces
-    # as "unexpected pos" from its zip writer instead of OSError(ENOSPC).
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            _torch_save(obj, f)
     _test_pause()
+
+
+def _torch_save(obj, f) -> None:
+    """torch.save into a Python file object, so that a failed write is the OSError (ENOSPC, ...) that says
+    why: to a path, torch writes with C++ streams and reports a full disk as "unexpected pos"; to a file
+    object, its zip writer still raises that RuntimeError while unwinding, with the OSError as its context."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _fsync_dir(path: Path) -> None:
