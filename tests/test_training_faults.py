@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ldmkit.errors import LDMKitError
-from ldmkit.training import build_recipe, train_ldm
+from ldmkit.training import build_recipe, latent_cache, train_ldm
 from ldmkit.training import checkpoints as ckpt
 from ldmkit.training.faults import commit_folder
 from ldmkit.training.manifest import MANIFEST, verify
@@ -267,3 +268,17 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_exits_with_one_line(toy,
     assert done.returncode == 0 and f"(step {steps[0]})" in done.stderr, done.stderr[-3000:]
     ours, theirs = final_weights(tmp_path / "run" / "final"), final_weights(reference)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_an_interrupted_latent_cache_leaves_no_half_built_folder(tmp_path, monkeypatch):
+    def encode(run, ae, records, resolution, flip, shard):
+        shard.mkdir()
+        (shard / "latents.pt").write_bytes(b"half")
+        raise KeyboardInterrupt  # Ctrl-C while encoding
+
+    monkeypatch.setattr(latent_cache, "cache_key", lambda *args: "key")
+    monkeypatch.setattr(latent_cache, "_encode_shard", encode)
+    run = SimpleNamespace(is_main=True, rank=0, world_size=1, barrier=lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        latent_cache.build_cache(run, None, tmp_path, [], 16, False, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -27,6 +27,7 @@ from ..loading.weights import find_weights
 from ..models import AutoencoderKL
 from .data import MAX_CONSECUTIVE_FAILURES, Record, crop_and_flip, load_rgb, sample_rng, to_tensor
 from .degradations import degrade
+from .faults import commit_folder, removed_on_error
 
 INDEX = "index.json"
 ENCODE_BATCH = 16
@@ -64,16 +65,17 @@ def build_cache(run, ae, ae_folder: Path, records: list[Record], resolution: int
     run.barrier()
     bounds = np.linspace(0, len(records), run.world_size + 1).round().astype(int)
     start, stop = int(bounds[run.rank]), int(bounds[run.rank + 1])
-    partial.mkdir(parents=True, exist_ok=True)
-    _encode_shard(run, ae, records[start:stop], resolution, flip, partial / f"shard-{run.rank:05d}")
-    run.barrier()
-    if run.is_main:
-        index = {"key": key, "count": len(records), "flip": flip, "resolution": resolution,
-                 "shards": [[int(bounds[i]), int(bounds[i + 1]), f"shard-{i:05d}"] for i in range(run.world_size)]}
-        atomic_write_text(partial / INDEX, json.dumps(index, indent=1) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
+    # A signal or an error (a full disk) while encoding leaves no half-built cache behind.
+    with removed_on_error(partial, enabled=run.is_main):
+        partial.mkdir(parents=True, exist_ok=True)
+        _encode_shard(run, ae, records[start:stop], resolution, flip, partial / f"shard-{run.rank:05d}")
+        run.barrier()
+        if run.is_main:
+            index = {"key": key, "count": len(records), "flip": flip, "resolution": resolution,
+                     "shards": [[int(bounds[i]), int(bounds[i + 1]), f"shard-{i:05d}"]
+                                for i in range(run.world_size)]}
+            atomic_write_text(partial / INDEX, json.dumps(index, indent=1) + "\n")
+            commit_folder(partial, folder)
     run.barrier()
     return folder
 
