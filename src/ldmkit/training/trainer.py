@@ -5,6 +5,8 @@ precision is torch.autocast driven by the recipe (not by ``accelerate launch --m
 gradient scaler for fp16. Gradient accumulation, clipping, the LR schedule, EMA, checkpoints, logs, sample
 grids and the final export are done here; what differs between runs (models, losses, samples, export) comes
 from a :class:`Task`. Everything the loop changes and a checkpoint keeps is one :class:`TrainState`.
+What a signal, a full disk or a kill does to a run is faults.py's; checksums manifest.py's; the refusal of
+a resume with a recipe that would change the results recipe_check.py's.
 """
 
 from __future__ import annotations
