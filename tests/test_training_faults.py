@@ -241,13 +241,21 @@ def _wait_for_step(out: Path, step: int, proc, timeout: float = 120) -> None:
     raise AssertionError(f"the run did not reach step {step}: {proc.stderr.read().decode()[-2000:]}")
 
 
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+    """An uninterrupted 12-step run (its vocabulary is the signalled runs' too)."""
+    data, ae = toy
+    return train_ldm(build_recipe("ldm", ldm_dict(data, ae, tmp_path_factory.mktemp("reference") / "run",
+                                                  max_steps=12)))
+
+
 @pytest.mark.parametrize("signum, code, what", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
                                                 (signal.SIGINT, 130, "interrupted (SIGINT)")])
-def test_a_signal_saves_a_checkpoint_after_the_step_and_exits_with_one_line(toy, tmp_path, signum, code, what):
+def test_a_signal_saves_a_checkpoint_after_the_step_and_exits_with_one_line(toy, reference, tmp_path, signum, code,
+                                                                            what):
     data, ae = toy
-    reference = train_ldm(build_recipe("ldm", ldm_dict(data, ae, tmp_path / "reference", max_steps=12)))
     recipe = ldm_dict(data, ae, tmp_path / "run", max_steps=12)
-    recipe["text"]["tokenizer"] = str(tmp_path / "reference" / "tokenizer")  # one vocabulary for both runs
+    recipe["text"]["tokenizer"] = str(reference.parent / "tokenizer")  # one vocabulary for both runs
     config = write_yaml(tmp_path / "recipe.yaml", recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ldmkit", "train", "ldm", "--config", str(config)]
@@ -263,6 +271,8 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_exits_with_one_line(toy,
     assert last == (f"ldmkit train: {what} at step {steps[0]}; checkpoint {folder}. Continue the run with the same "
                     "command and --resume latest."), stderr[-2000:]
     assert "Traceback" not in stderr and verify(folder) is None and not _hidden(tmp_path / "run")
+    if signum == signal.SIGINT:
+        return  # (the SIGTERM case checks the resume: the checkpoint is the same)
     # The checkpoint continues the run exactly.
     done = subprocess.run(cmd + ["--resume", "latest"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and f"(step {steps[0]})" in done.stderr, done.stderr[-3000:]
@@ -282,3 +292,23 @@ def test_an_interrupted_latent_cache_leaves_no_half_built_folder(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         latent_cache.build_cache(run, None, tmp_path, [], 16, False, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_second_signal_during_the_checkpoint_stops_at_once_leaving_nothing_half_written(toy, reference, tmp_path):
+    data, ae = toy
+    recipe = ldm_dict(data, ae, tmp_path / "run", max_steps=12)
+    recipe["text"]["tokenizer"] = str(reference.parent / "tokenizer")
+    config = write_yaml(tmp_path / "recipe.yaml", recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LDMKIT_TEST_CHECKPOINT_DELAY": "0.3"}
+    cmd = [sys.executable, "-m", "ldmkit", "train", "ldm", "--config", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_step(tmp_path / "run", 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.time() + 60
+    while not list((tmp_path / "run" / "checkpoints").glob(".step-*.partial")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)  # while the stop's checkpoint is being written
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "ldmkit train: terminated (SIGTERM); nothing half-written was left"
+    assert ckpt.list_checkpoints(tmp_path / "run") == [] and not _hidden(tmp_path / "run")
