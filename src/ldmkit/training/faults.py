@@ -77,6 +77,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict = {}
+        self._group = None
 
     def _handler(self, signum, frame) -> None:
         if self.signum is not None:
@@ -89,6 +90,10 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handler)
+        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+            # The per-step flag goes over a CPU (gloo) group: on the GPUs' NCCL group, reading it back would
+            # wait for the GPU at every step, and the CPU could no longer queue the next step ahead.
+            self._group = dist.new_group(backend="gloo")  # collective: every process enters here
         return self
 
     def __exit__(self, *exc) -> None:
@@ -96,13 +101,13 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def requested(self, world_size: int, device: torch.device) -> bool:
+    def requested(self, world_size: int) -> bool:
         """Whether any process got a signal (a collective when there are several: all must stop at the same
         step, or the next checkpoint's barriers would wait forever)."""
         if world_size == 1:
             return self.signum is not None
-        flag = torch.tensor([0 if self.signum is None else self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([0 if self.signum is None else self.signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if self.signum is None and flag.item():
             self.signum = int(flag.item())
         return self.signum is not None

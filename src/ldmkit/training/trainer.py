@@ -204,7 +204,7 @@ def _loop(state: TrainState, sampler: StepBatchSampler, loader, stop: StopSignal
             progress.update(1)
             if state.step < cfg.max_steps:  # the last step's evaluation, samples and checkpoint are _finish's
                 _periodic(state)
-                if stop.requested(run.world_size, run.device):
+                if stop.requested(run.world_size):
                     stop.stop(state.step, _save_if_new(state))
     finally:
         progress.close()
@@ -247,7 +247,7 @@ def _finish(state: TrainState, stop: StopSignals) -> Path:
     _evaluate(state)
     _sample(state)
     saved = _save_if_new(state)
-    if stop.requested(run.world_size, run.device):
+    if stop.requested(run.world_size):
         stop.stop(state.step, saved)
     final = run.output_dir / FINAL
     if run.is_main:
