@@ -312,3 +312,12 @@ def test_a_second_signal_during_the_checkpoint_stops_at_once_leaving_nothing_hal
     assert proc.returncode == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "ldmkit train: terminated (SIGTERM); nothing half-written was left"
     assert ckpt.list_checkpoints(tmp_path / "run") == [] and not _hidden(tmp_path / "run")
+
+
+def test_a_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
+    # Its checkpoints would mix with the old run's, and --resume latest after a kill would pick the old run's.
+    _save(tmp_path, 24)
+    with pytest.raises(LDMKitError, match="already holds checkpoints .*step-00000024.*--resume latest.*another "
+                                          "output_dir"):
+        ckpt.resolve_resume(tmp_path, None)
+    assert ckpt.resolve_resume(tmp_path / "new", None) == (None, [])

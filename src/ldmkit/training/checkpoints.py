@@ -58,6 +58,11 @@ def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, l
     -> the newest complete checkpoint whose files match their checksums (or None, with a note, if there is
     none yet); anything else is a checkpoint folder, which must be intact."""
     if resume is None:
+        found = list_checkpoints(output_dir)
+        if found:  # a fresh run here would mix its checkpoints with the old run's: --resume latest would pick theirs
+            raise LDMKitError(f"{output_dir} already holds checkpoints of a run (newest: {found[-1][1].name}). "
+                              "Continue that run with --resume latest, or start a new one in another output_dir "
+                              f"(or delete {Path(output_dir) / CHECKPOINTS} first).")
         return None, []
     if resume == "latest":
         return _latest_intact(output_dir)

@@ -18,11 +18,14 @@ logger = logging.getLogger("ldmkit.training")
 
 RECIPE_FILE = "recipe.yaml"
 
-# Keys that change when and what is logged / saved / sampled, or where files are, never the weights.
+# Keys that change when and what is logged / saved / sampled, where files are, or memory and time, never the
+# weights.
 SAFE_KEYS = frozenset({
     "output_dir", "data.num_workers", "data.latent_cache_dir",
     "train.log_every", "train.checkpoint_every", "train.keep_last", "train.sample_every", "train.eval_every",
     "train.progress_bar",
+    # Recomputes activations in backward: the same numbers (tests/test_compat_models.py checks bit-identity).
+    "train.gradient_checkpointing",
 })
 SAFE_SECTIONS = ("sampling.",)
 
