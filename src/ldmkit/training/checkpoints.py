@@ -189,7 +189,7 @@ def _write_main(partial: Path, payload: dict, state: dict, extra_text: dict) -> 
 
 def _test_pause() -> None:
     """Test hook: LDMKIT_TEST_CHECKPOINT_DELAY=SECONDS sleeps after each file of a checkpoint, so that a test's
-    SIGKILL can land in the middle of a checkpoint write (tests/test_training_faults.py)."""
+    SIGKILL can land in the middle of a checkpoint write (tests/test_training_kills.py)."""
     delay = os.environ.get("LDMKIT_TEST_CHECKPOINT_DELAY")
     if delay:
         time.sleep(float(delay))

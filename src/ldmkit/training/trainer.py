@@ -368,7 +368,7 @@ def _export(state: TrainState, final: Path) -> None:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_if_new(state: TrainState) -> Path | None:
+def _save_if_new(state: TrainState) -> Path:
     """Save unless the newest checkpoint is of this step (decided alike on every process: saving is a
     collective); returns the checkpoint of this step."""
     if state.last_saved != state.step:
