@@ -97,7 +97,11 @@ class Forkserver:
 
     def close(self) -> None:
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a run still going after a failed assertion
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Run:
