@@ -259,9 +259,17 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_exits_with_one_line(toy,
     config = write_yaml(tmp_path / "recipe.yaml", recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ldmkit", "train", "ldm", "--config", str(config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C as a terminal sends it: to the whole process group, data loader workers included. They must not
+    # die of it: the step being finished needs 8 micro-batches, more than the 2 x 2 the workers prefetch.
+    ctrl_c = signum == signal.SIGINT
+    workers = ["data.num_workers=2", "train.batch_size=8", "train.gradient_accumulation_steps=8"] if ctrl_c else []
+    proc = subprocess.Popen(cmd + workers, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=ctrl_c)
     _wait_for_step(tmp_path / "run", 3, proc)
-    os.kill(proc.pid, signum)
+    if ctrl_c:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
     stderr = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == code, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
