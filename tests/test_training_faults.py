@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ldmkit.errors import LDMKitError
+from ldmkit.tokenizer import LDMTokenizer
 from ldmkit.training import build_recipe, latent_cache, train_ldm
 from ldmkit.training import checkpoints as ckpt
 from ldmkit.training.faults import commit_folder
@@ -329,3 +330,17 @@ def test_a_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
                                           "output_dir"):
         ckpt.resolve_resume(tmp_path, None)
     assert ckpt.resolve_resume(tmp_path / "new", None) == (None, [])
+
+
+def test_an_interrupted_tokenizer_save_leaves_no_vocabulary_to_trust(toy, tmp_path, monkeypatch):
+    # A resume reuses output_dir/tokenizer when it is there: it must be there whole or not at all.
+    def save_pretrained(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "tokenizer.json").write_text("{")
+        raise KeyboardInterrupt  # Ctrl-C between two files
+
+    monkeypatch.setattr(LDMTokenizer, "save_pretrained", save_pretrained)
+    data, ae = toy
+    with pytest.raises(KeyboardInterrupt):
+        train_ldm(build_recipe("ldm", ldm_dict(data, ae, tmp_path / "run")))
+    assert not (tmp_path / "run" / "tokenizer").exists() and not _hidden(tmp_path / "run")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 
 import PIL.Image
@@ -22,6 +23,7 @@ from ..tokenizer import LDMTokenizer
 from . import losses
 from .data import ImageDataset, crop_and_flip, load_rgb, scan_folder
 from .degradations import degrade
+from .faults import commit_folder, removed_on_error
 from .latent_cache import CachedLatentDataset, build_cache
 from .recipe import DiffusionConfig, LDMRecipe
 from .run import Run, Task
@@ -183,7 +185,12 @@ class LDMTask(Task):
                 captions = [rec.caption for rec in self.records if rec.caption]
                 tok = LDMTokenizer.train_from_captions(captions, vocab_size=r.text.vocab_size,
                                                        model_max_length=r.text.max_length)
-                tok.save_pretrained(saved)
+                # Whole or not at all: a kill between its files would leave a vocabulary the resume trusts.
+                partial = saved.with_name(".tokenizer.partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                with removed_on_error(partial):
+                    tok.save_pretrained(partial)
+                commit_folder(partial, saved)
             run.barrier()
             tok = LDMTokenizer.from_pretrained(saved)
         long = sum(len(tok.tokenize(rec.caption or "")) > r.text.max_length - 2 for rec in self.records[:2000])
