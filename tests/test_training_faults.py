@@ -20,7 +20,7 @@ from ldmkit.errors import LDMKitError
 from ldmkit.tokenizer import LDMTokenizer
 from ldmkit.training import build_recipe, latent_cache, train_ldm
 from ldmkit.training import checkpoints as ckpt
-from ldmkit.training.faults import commit_folder
+from ldmkit.training.faults import commit_folder, disk_errors
 from ldmkit.training.manifest import MANIFEST, verify
 from ldmkit.training.recipe_check import changed_keys
 from training_utils import final_weights, ldm_dict, tiny_autoencoder, toy_data, write_yaml
@@ -344,3 +344,19 @@ def test_an_interrupted_tokenizer_save_leaves_no_vocabulary_to_trust(toy, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train_ldm(build_recipe("ldm", ldm_dict(data, ae, tmp_path / "run")))
     assert not (tmp_path / "run" / "tokenizer").exists() and not _hidden(tmp_path / "run")
+
+
+def test_disk_errors_name_the_cause_the_place_and_the_fix(tmp_path):
+    with pytest.raises(LDMKitError, match=r"Could not write the run's files: the disk is full \(.* MB free in "
+                                          rf"{tmp_path / 'cache'}\)\. Free some space .*--output-dir"):
+        with disk_errors("the run's files", tmp_path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "cache" / "shard.pt"))
+    with pytest.raises(LDMKitError, match="disk quota is exceeded"):
+        with disk_errors("checkpoint x", tmp_path):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    with pytest.raises(PermissionError):  # not a full disk: only converted where every write error is ours
+        with disk_errors("the run's files", tmp_path):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(LDMKitError, match="Could not write checkpoint x in .*Permission denied.*writable"):
+        with disk_errors("checkpoint x", tmp_path, any_error=True):
+            raise PermissionError(errno.EACCES, "Permission denied")

@@ -146,7 +146,7 @@ def disk_errors(what: str, folder: Path, needed: int | None = None, intact: str 
     except OSError as e:
         if e.errno not in DISK_FULL and (not any_error or isinstance(e, FileNotFoundError | NotADirectoryError)):
             raise
-        folder = Path(folder)
+        folder = Path(e.filename).parent if isinstance(e.filename, str) else Path(folder)  # where it failed
         need = f"; it needs about {needed / 1e6:.1f} MB" if needed else ""
         kept = f" {intact}" if intact else ""
         if e.errno in DISK_FULL:
