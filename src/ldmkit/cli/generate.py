@@ -137,6 +137,17 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def image_metadata(args, prompt: str, negative_prompt: str | None, seed: int) -> dict:
+    """What a txt2img PNG records: enough for --from-png to replay it, and for --prompts to prove it done."""
+    meta = {"model": args.model, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+            "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "scheduler": args.scheduler,
+            "height": args.height, "width": args.width, "upscale": bool(args.upscale),
+            "ldmkit_version": __version__}
+    if args.upscale:
+        meta.update(upscale_model=args.upscale_model, upscale_steps=args.upscale_steps)
+    return meta
+
+
 # ------------------------------------------------------------------------------------------- commands
 def cmd_txt2img(args) -> int:
     if args.from_png:
@@ -156,12 +167,7 @@ def cmd_txt2img(args) -> int:
         images = sr(images, num_inference_steps=args.upscale_steps, generator=generators(seeds)).images
     paths = []
     for s, image in zip(seeds, images):
-        meta = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": s,
-                "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "scheduler": args.scheduler,
-                "height": args.height, "width": args.width, "upscale": bool(args.upscale),
-                "ldmkit_version": __version__}
-        if args.upscale:
-            meta.update(upscale_model=args.upscale_model, upscale_steps=args.upscale_steps)
+        meta = image_metadata(args, args.prompt, args.negative_prompt, s)
         paths.append(save_png(image, free_path(out, f"{slug(args.prompt)}-{s}", args.force), meta))
     if args.grid and len(images) > 1:
         paths.append(save_png(make_image_grid(images), free_path(out, f"{slug(args.prompt)}-grid", args.force),
