@@ -201,9 +201,10 @@ def todo_chunks(chunks: list[list[Item]], folder: Path, args, total: int) -> lis
 
 
 # ------------------------------------------------------------------------------------------- the run
-def process_state():
+def process_state(device: str):
     """accelerate's PartialState: under ``accelerate launch`` (or torchrun) it knows this process's rank and
-    device; alone it is one process. accelerate is the ``train`` extra, so without it only one process runs."""
+    device; alone it is one process. accelerate is the ``train`` extra, so without it only one process runs.
+    Without a GPU (or with --device cpu) the processes talk over gloo, as the trainer's do (training/run.py)."""
     try:
         from accelerate import PartialState
     except ImportError:
@@ -211,7 +212,7 @@ def process_state():
             raise LDMKitError("several processes were launched, but accelerate is not installed: pip install "
                               "'ldmkit[train]' (or run one process).") from None
         return None
-    return PartialState()
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def check_options(args) -> None:
@@ -234,7 +235,7 @@ def cmd_prompts(args) -> int:
     size = args.batch_size or DEFAULT_BATCH_SIZE
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
     todo = todo_chunks(chunks, out, args, len(items))
-    state = process_state()
+    state = process_state(args.device)
     if state is None:
         mine = todo
     else:
