@@ -57,7 +57,8 @@ class Item:
 # ------------------------------------------------------------------------------------------- the prompt file
 def read_prompt_file(path: str, n: int, seed: int | None, negative_prompt: str | None) -> list[Item]:
     """The items of a prompt file: one prompt a line (blank lines and ``#`` comments skipped), or JSONL (a
-    ``.jsonl`` name, or a first non-blank character ``{``) with ``prompt`` and optional ``seed``,
+    ``.jsonl`` name, or a first non-blank character ``{``; blank and ``#`` lines skipped too) with ``prompt`` and
+    optional ``seed``,
     ``negative_prompt`` and ``n`` per line. A line's images get its seed, seed + 1, ...; the others get the
     base seed (``--seed``, default 0) plus their index, so that every seed is known before the run."""
     try:
@@ -91,7 +92,7 @@ def _text_rows(text: str, n: int, negative_prompt: str | None) -> list[tuple[int
 def _jsonl_rows(path: str, text: str, n: int, negative_prompt: str | None) -> list:
     rows = []
     for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
+        if not raw.strip() or raw.lstrip().startswith("#"):  # no JSON value starts with #: nothing is guessed
             continue
         where = f"{path}:{number}"
         try:
@@ -127,13 +128,16 @@ def _check_jsonl_object(where: str, obj: dict) -> None:
 
 
 def _items(path: str, rows: list, base: int) -> list[Item]:
+    total = sum(n for *_, n in rows)
+    if not 0 <= base <= MAX_SEED - (total - 1):  # base + index, for every index the file could give
+        raise LDMKitError(f"--seed {base} is out of range for {total} images: seeds go from 0 to "
+                          f"{MAX_SEED - (total - 1)}.")
     items: list[Item] = []
     for number, prompt, negative, seed, n in rows:
         first = base + len(items) if seed is None else seed
         if not 0 <= first <= MAX_SEED - (n - 1):
-            name = "--seed" if seed is None else f"{path}:{number}: \"seed\""
-            raise LDMKitError(f"{name} {first} is out of range for {n} image(s): seeds go from 0 to "
-                              f"{MAX_SEED - (n - 1)}.")
+            raise LDMKitError(f"{path}:{number}: \"seed\" {first} is out of range for {n} image(s): seeds go "
+                              f"from 0 to {MAX_SEED - (n - 1)}.")
         items += [Item(len(items) + j, number, prompt, negative, first + j) for j in range(n)]
     return items
 
