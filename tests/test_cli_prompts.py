@@ -258,3 +258,19 @@ def test_two_processes_write_what_one_writes(reference, tmp_path):
     # accelerate split the 3 chunks 2 + 1: process 0 made 4 images, process 1 the last one.
     assert "process 0: 4 image(s) made" in done.stderr and "process 1: 1 image(s) made" in done.stderr
     assert files(out) == files(reference["out"])
+
+
+def test_upscale_in_chunks_and_its_settings_in_the_proof(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("red apple\ngrinning face\n", encoding="utf-8")
+    argv = ["txt2img", "--prompts", prompts, "--batch-size", "2", *MODEL, "--steps", "1", "--upscale",
+            "--upscale-steps", "1", "-o", tmp_path / "out"]
+    code, written, err = cli(*argv)
+    assert code == 0 and len(written) == 2, err
+    meta = read_png_metadata(written[1])
+    assert meta["upscale"] is True and meta["upscale_steps"] == 1 and meta["seed"] == 1
+    assert PIL.Image.open(written[0]).size == (128, 128)  # 32 x 32, then 4x
+    code, again, _ = cli(*argv)
+    assert code == 0 and again == []  # the upscale settings match: both skipped
+    code, _, err = cli(*argv[:-2], "--upscale-steps", "2", "-o", tmp_path / "out")
+    assert code == 2 and "upscale_steps is 1 there, 2 now" in err[0]
