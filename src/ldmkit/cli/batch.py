@@ -6,7 +6,8 @@ alone, so a rerun finds what a killed run finished. The items are cut into chunk
 chunks never change with the number of processes or with what is already done: a chunk that lacks an image
 is generated whole and only its missing images are written. An image therefore has the same pixels whether
 the run was one process, several, or killed and resumed (the batch a sample is computed in changes its
-floating-point rounding, so keeping the batches is what keeps the pixels).
+floating-point rounding, so keeping the batches is what keeps the pixels). Only the chunks that lack an
+image are split between the processes, so a resumed run keeps them all busy until the end.
 """
 
 from __future__ import annotations

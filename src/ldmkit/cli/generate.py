@@ -28,6 +28,8 @@ EXAMPLES = """examples:
   ldmkit txt2img "grinning face" --n 4 --seed 7 --grid --upscale -o out/   # 128x128 through the bundled 4x model
   ldmkit txt2img "a red apple" --model ./my-pipeline --steps 20 --scheduler dpm++2m-karras
   ldmkit txt2img --from-png out/a-red-apple-7.png          # regenerate an image from its metadata
+  ldmkit txt2img --prompts prompts.jsonl --batch-size 8 -o data/   # many prompts; a rerun resumes
+  accelerate launch --num_processes 2 -m ldmkit txt2img --prompts prompts.txt -o data/   # split over 2 GPUs
   ldmkit upscale small.png other.jpg -o big/ --model CompVis/ldm-super-resolution-4x-openimages
   ldmkit sample --model CompVis/ldm-celebahq-256 --n 4 --steps 200
   ldmkit info ldmkit:emoji-text2img
