@@ -207,8 +207,10 @@ def test_rerun_skips_complete_images_and_refuses_other_settings(reference, tmp_p
 
 
 def test_sigkill_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    # 6 chunks of 2: about 1 s of work after the first image, to catch it part-way on a busy machine.
     rows = [{"prompt": p} for p in ("red apple", "grinning face", "smiling cat", "blue heart", "thumbs up",
-                                    "green tree", "yellow star", "white cloud")]
+                                    "green tree", "yellow star", "white cloud", "red car", "black cat",
+                                    "pizza slice", "full moon")]
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)
     argv = ["txt2img", "--prompts", prompts, "--batch-size", "2", *MODEL]
     killed = tmp_path / "killed"
