@@ -120,6 +120,7 @@ def test_jsonl_by_suffix_or_first_brace(tmp_path):
     ('{"prompt": "a", "seed": 1.5}\n', 'p.jsonl:1: "seed" is 1.5'),
     ('{"prompt": "a", "seed": -1}\n', 'p.jsonl:1: "seed" -1 is out of range'),
     ('{"prompt": "a", "n": 0}\n', 'p.jsonl:1: "n" is 0'),
+    ('{"prompt": "a", "n": 600000}\n{"prompt": "b", "n": 600000}\n', "asks for 1200000 images; at most 1000000"),
     ('{"prompt": "a", "negative": "b"}\n', "p.jsonl:1: unknown key(s) negative"),
     ('{"prompt": "  "}\n', "p.jsonl:1: the prompt is empty"),
     ('["a"]\n', "p.jsonl:1: a JSON list, not an object"),

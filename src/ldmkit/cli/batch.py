@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 DEFAULT_BATCH_SIZE = 8
+MAX_IMAGES = 1_000_000  # their list takes ~0.3 GB
 JSONL_KEYS = {"prompt": (str,), "seed": (int,), "negative_prompt": (str, type(None)), "n": (int,)}
 
 
@@ -130,6 +131,9 @@ def _check_jsonl_object(where: str, obj: dict) -> None:
 
 def _items(path: str, rows: list, base: int) -> list[Item]:
     total = sum(n for *_, n in rows)
+    if total > MAX_IMAGES:  # every image is listed (names, manifest) before the first is made
+        raise LDMKitError(f"--prompts {path} asks for {total} images; at most {MAX_IMAGES} a run: split the file "
+                          "(each part with its own -o folder).")
     if not 0 <= base <= MAX_SEED - (total - 1):  # base + index, for every index the file could give
         raise LDMKitError(f"--seed {base} is out of range for {total} images: seeds go from 0 to "
                           f"{MAX_SEED - (total - 1)}.")
