@@ -277,3 +277,12 @@ def test_upscale_in_chunks_and_its_settings_in_the_proof(tmp_path):
     assert code == 0 and again == []  # the upscale settings match: both skipped
     code, _, err = cli(*argv[:-2], "--upscale-steps", "2", "-o", tmp_path / "out")
     assert code == 2 and "upscale_steps is 1 there, 2 now" in err[0]
+
+
+def test_a_foreign_png_in_the_way_is_refused_before_any_work(reference, tmp_path):
+    PIL.Image.new("RGB", (32, 32), "red").save(tmp_path / NAMES[3])  # a sound PNG, but not ldmkit's
+    code, written, err = cli("txt2img", "--prompts", reference["prompts"], "--batch-size", "2", *MODEL,
+                             "-o", tmp_path)
+    assert code == 2 and written == [] and len(err) == 1
+    assert f"{tmp_path / NAMES[3]} is in the way" in err[0] and "no ldmkit metadata" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [NAMES[3]]  # the scan comes before the first image

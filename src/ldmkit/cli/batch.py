@@ -177,12 +177,14 @@ def png_done(path: Path, expected: dict) -> bool:
         found = json.loads(text) if text else None
     except json.JSONDecodeError:
         found = None
-    if found != _json_round_trip(expected):
+    expected = _json_round_trip(expected)
+    if found != expected:
         if not isinstance(found, dict):
-            why = "it has no ldmkit metadata"
+            why = "it has no ldmkit metadata, or not as JSON"
         else:
-            key = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))[0]
-            why = f"{key} is {found.get(key)!r} there, {expected.get(key)!r} now"
+            key = sorted(k for k in set(found) | set(expected) if k not in found or k not in expected
+                         or found[k] != expected[k])[0]
+            why = f"{key} is {found.get(key, '(absent)')!r} there, {expected.get(key, '(absent)')!r} now"
         raise LDMKitError(f"{path} is in the way: it was not made by this run ({why}). Give another -o folder, or "
                           "--force to replace such files.")
     return True
