@@ -3,6 +3,8 @@
 Run by hand (after ``ldmkit data emoji --size 32 --out data/emoji-32`` and ``--size 128 --out data/emoji-128``):
     python benchmarks/bench_emoji_quality.py text2img [--model ldmkit:emoji-text2img] [--n 100]
     python benchmarks/bench_emoji_quality.py superres [--model ldmkit:emoji-superres-4x]
+    python benchmarks/bench_emoji_quality.py text2img --split test      # the 163 held-out captions
+    python benchmarks/bench_emoji_quality.py uncond | class | inpaint   # see benchmarks/emoji_tasks.py
 
 ``text2img``: one image per training caption (100 captions drawn with a fixed seed, image i from seed i), every
 one of the 3,789 emoji ranked by pixel distance to it at the model's resolution; top-1 / top-5 accuracy of the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import unicodedata
@@ -80,6 +83,28 @@ def caption_sheet(rows: list[tuple[str, list[PIL.Image.Image]]], cell: int = 96,
 
 
 # --------------------------------------------------------------------------------------------- text2img
+TONE = re.compile(r"\s*(light|medium-light|medium|medium-dark|dark) skin tone,?")
+PEOPLE = re.compile(r"\b(man|woman|person|men|women|people|boy|girl)\b")
+
+
+def base_name(caption: str) -> str:
+    """A caption without skin tones, with man / woman / person (and the like) made one word: held-out
+    captions whose base name is also a training caption's are compositions of seen parts."""
+    return re.sub(r"\s+", " ", PEOPLE.sub("X", TONE.sub("", caption))).strip()
+
+
+def split_scores(prompts: list[str], ranks: torch.Tensor, train_captions: list[str]) -> dict:
+    """top-1 / top-5 for held-out captions that compose seen parts, and for those that name an emoji
+    with no seen relative (a taco, a flag, a volcano: its pixels cannot be known from the training set)."""
+    seen = {base_name(c) for c in train_captions}
+    out = {}
+    for name, keep in [("composable", True), ("novel", False)]:
+        r = torch.stack([x for p, x in zip(prompts, ranks) if (base_name(p) in seen) == keep])
+        out[name] = {"captions": len(r), "top1": (r <= 1).float().mean().item(),
+                     "top5": (r <= 5).float().mean().item()}
+    return out
+
+
 def bench_text2img(args) -> dict:
     from ldmkit import DiffusionPipeline
     from ldmkit.training.metrics import retrieval_ranks
@@ -89,14 +114,17 @@ def bench_text2img(args) -> dict:
     everything = train + test
     size = args.size
     gallery = load([p for p, _ in everything], size)
-    chosen = sorted(np.random.default_rng(args.seed).choice(len(train), args.n, replace=False).tolist())
-    prompts = [train[i][1] for i in chosen]
-    seeds = [args.seed + k for k in range(args.n)]
+    if args.split == "test":  # every held-out caption; the gallery holds their emoji after the training ones
+        chosen = [len(train) + i for i in range(min(args.n, len(test)))]
+    else:
+        chosen = sorted(np.random.default_rng(args.seed).choice(len(train), args.n, replace=False).tolist())
+    prompts = [everything[i][1] for i in chosen]
+    seeds = [args.seed + k for k in range(len(chosen))]
 
     pipe = DiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     images, start = [], time.perf_counter()
-    for k in range(0, args.n, args.batch):
+    for k in range(0, len(prompts), args.batch):
         out = pipe(prompts[k:k + args.batch], num_inference_steps=args.steps, guidance_scale=args.guidance,
                    eta=args.eta, generator=[torch.Generator().manual_seed(s) for s in seeds[k:k + args.batch]])
         images += out.images
@@ -104,19 +132,22 @@ def bench_text2img(args) -> dict:
     generated = to_tensor(images)
     ranks = retrieval_ranks(generated, gallery, torch.tensor(chosen))
     result = {
-        "model": args.model, "captions": args.n, "gallery": len(everything), "steps": args.steps,
+        "model": args.model, "split": args.split, "captions": len(prompts), "gallery": len(everything),
+        "steps": args.steps,
         "guidance_scale": args.guidance, "eta": args.eta, "scheduler": type(pipe.scheduler).__name__,
         "top1": (ranks <= 1).float().mean().item(), "top5": (ranks <= 5).float().mean().item(),
         "median_rank": ranks.median().item(), "chance_top1": 1 / len(everything), "seconds": seconds,
         "per_caption": [{"caption": p, "seed": s, "rank": int(r)} for p, s, r in zip(prompts, seeds, ranks)],
     }
+    if args.split == "test":
+        result["by_kind"] = split_scores(prompts, ranks, [c for _, c in train])
     if args.diffusers:
         result["diffusers"] = diffusers_text2img(args, prompts[: args.diffusers], seeds[: args.diffusers],
                                                  generated[: args.diffusers])
     rows = [(f"#{int(r)} {p}", [im, PIL.Image.open(everything[i][0])])
             for p, r, im, i in list(zip(prompts, ranks, images, chosen))[: args.grid]]
     DOCS.mkdir(exist_ok=True)
-    caption_sheet(rows).save(DOCS / "emoji-text2img.png")
+    caption_sheet(rows).save(DOCS / ("emoji-text2img-heldout.png" if args.split == "test" else "emoji-text2img.png"))
     return result
 
 
@@ -203,6 +234,8 @@ def diffusers_superres(args, lr_images, ours: torch.Tensor) -> dict:
 
 
 def main(argv=None) -> int:
+    import emoji_tasks  # imports this module's helpers, so not at the top
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="task", required=True)
     p = sub.add_parser("text2img")
@@ -210,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT / "data" / "emoji-32"))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--n", type=int, default=100)
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="captions of the training split (n drawn) or every held-out one (test)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--eta", type=float, default=0.0)
@@ -217,7 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--diffusers", type=int, default=8, help="prompts to rerun through diffusers (0: none)")
-    p.add_argument("--out", default=str(RESULTS / "emoji-text2img.json"))
+    p.add_argument("--out", help="default: benchmarks/results/emoji-text2img.json (-heldout.json for --split test)")
     p = sub.add_parser("superres")
     p.add_argument("--model", default="ldmkit:emoji-superres-4x")
     p.add_argument("--data", default=str(ROOT / "data" / "emoji-128"))
@@ -228,9 +263,13 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--diffusers", type=int, default=8, help="inputs to rerun through diffusers (0: none)")
     p.add_argument("--out", default=str(RESULTS / "emoji-superres.json"))
+    emoji_tasks.add_parsers(sub, ROOT)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result = bench_text2img(args) if args.task == "text2img" else bench_superres(args)
+    if args.task == "text2img" and args.out is None:
+        args.out = str(RESULTS / ("emoji-text2img-heldout.json" if args.split == "test" else "emoji-text2img.json"))
+    tasks = {"text2img": bench_text2img, "superres": bench_superres, **emoji_tasks.TASKS}
+    result = tasks[args.task](args)
     result["torch_threads"] = torch.get_num_threads()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

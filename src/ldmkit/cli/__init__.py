@@ -16,6 +16,7 @@ import threading
 from .. import __version__
 from ..errors import LDMKitError
 from ..io import Terminated, terminate_as_exception
+from .batch import add_prompt_file_options
 from .convert import add_convert_parser
 from .data import add_data_parser
 from .generate import EXAMPLES, add_generate_parsers, read_png_metadata
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parsers(sub)
+    add_prompt_file_options(sub.choices["txt2img"])  # --prompts, --batch-size (batch.py)
     add_train_parser(sub)
     add_convert_parser(sub)
     add_data_parser(sub)

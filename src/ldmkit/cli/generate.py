@@ -28,6 +28,8 @@ EXAMPLES = """examples:
   ldmkit txt2img "grinning face" --n 4 --seed 7 --grid --upscale -o out/   # 128x128 through the bundled 4x model
   ldmkit txt2img "a red apple" --model ./my-pipeline --steps 20 --scheduler dpm++2m-karras
   ldmkit txt2img --from-png out/a-red-apple-7.png          # regenerate an image from its metadata
+  ldmkit txt2img --prompts prompts.jsonl --batch-size 8 -o data/   # many prompts; a rerun resumes
+  accelerate launch --num_processes 2 -m ldmkit txt2img --prompts prompts.txt -o data/   # split over 2 GPUs
   ldmkit upscale small.png other.jpg -o big/ --model CompVis/ldm-super-resolution-4x-openimages
   ldmkit sample --model CompVis/ldm-celebahq-256 --n 4 --steps 200
   ldmkit info ldmkit:emoji-text2img
@@ -137,6 +139,17 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def image_metadata(args, prompt: str, negative_prompt: str | None, seed: int) -> dict:
+    """What a txt2img PNG records: enough for --from-png to replay it, and for --prompts to prove it done."""
+    meta = {"model": args.model, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+            "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "scheduler": args.scheduler,
+            "height": args.height, "width": args.width, "upscale": bool(args.upscale),
+            "ldmkit_version": __version__}
+    if args.upscale:
+        meta.update(upscale_model=args.upscale_model, upscale_steps=args.upscale_steps)
+    return meta
+
+
 # ------------------------------------------------------------------------------------------- commands
 def cmd_txt2img(args) -> int:
     if args.from_png:
@@ -156,12 +169,7 @@ def cmd_txt2img(args) -> int:
         images = sr(images, num_inference_steps=args.upscale_steps, generator=generators(seeds)).images
     paths = []
     for s, image in zip(seeds, images):
-        meta = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": s,
-                "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "scheduler": args.scheduler,
-                "height": args.height, "width": args.width, "upscale": bool(args.upscale),
-                "ldmkit_version": __version__}
-        if args.upscale:
-            meta.update(upscale_model=args.upscale_model, upscale_steps=args.upscale_steps)
+        meta = image_metadata(args, args.prompt, args.negative_prompt, s)
         paths.append(save_png(image, free_path(out, f"{slug(args.prompt)}-{s}", args.force), meta))
     if args.grid and len(images) > 1:
         paths.append(save_png(make_image_grid(images), free_path(out, f"{slug(args.prompt)}-grid", args.force),
