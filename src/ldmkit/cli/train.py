@@ -34,7 +34,9 @@ def add_train_parser(subparsers) -> None:
         parser = kinds.add_parser(kind, help=text, description=text)
         parser.add_argument("--config", "-c", required=True, metavar="RECIPE.yaml", help="the run's recipe")
         parser.add_argument("--resume", metavar="latest|PATH",
-                            help="continue from the newest checkpoint of output_dir ('latest') or a checkpoint folder")
+                            help="continue from the newest intact checkpoint of output_dir ('latest'; a damaged "
+                                 "one is skipped) or a checkpoint folder; the recipe must be the run's (logging, "
+                                 "checkpoint and sampling keys may change)")
         parser.add_argument("--output-dir", metavar="DIR", help="overrides the recipe's output_dir")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a recipe value (dotted key), repeatable")
