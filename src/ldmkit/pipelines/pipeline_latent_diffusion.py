@@ -174,8 +174,7 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
                             tuple(callback_on_step_end_tensor_inputs), legacy_callback(self.__call__, kwargs))
         texts = _Texts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance.need_cond)
-        total = texts.count * n
-        sampling.check(total, CALLBACK_TENSORS)
+        sampling.check(total := texts.count * n, CALLBACK_TENSORS)
         factor = self.vae_scale_factor
         shape = (total, self.unet.config.in_channels, height // factor, width // factor)
         layout = f"(batch, latent channels, height / {factor}, width / {factor})"
@@ -183,22 +182,28 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
             latents = check_latents(latents, shape, layout, latents.device, latents.dtype)
 
         def run(rows: range, chunk: Sampling) -> torch.Tensor:
-            # The chunk's prompts are encoded once each and repeated, as for the whole call.
-            first, offset = rows.start // n, rows.start % n
-            cond, uncond = self.encode_prompt(**texts.take(first, -(-rows.stop // n)), num_images_per_prompt=n,
-                                              need_uncond=guidance.need_uncond, need_cond=guidance.need_cond)
-            context = guidance.context(*(None if e is None else e[offset:offset + len(rows)] for e in (uncond, cond)))
-            x_t = self.initial_latents((len(rows), *shape[1:]), None if latents is None else latents[rows.start:
-                                       rows.stop], chunk, self.unet.device, context.dtype, layout,
-                                       passes=2 if guidance.both else 1)
-
-            def model(x, t):
-                return self.unet(self.scheduler.scale_model_input(x, t), t,
-                                 encoder_hidden_states=guidance.select(context)).sample
-
-            return self.sample(x_t, guidance.wrap(model, self.scheduler), chunk, output_type)
+            x_t = None if latents is None else latents[rows.start:rows.stop]
+            return self._chunk(rows, chunk, texts.take(rows.start // n, -(-rows.stop // n)), n, guidance,
+                               (len(rows), *shape[1:]), x_t, layout, output_type)
 
         return self.run_chunks(total, max_batch_size, sampling, run, output_type, return_dict)
+
+    def _chunk(self, rows: range, sampling: Sampling, texts: dict, n: int, guidance: Guidance, shape: tuple,
+               latents, layout: str, output_type: str) -> torch.Tensor:
+        """The images of ``rows``: their prompts (``texts``) encoded once each and repeated ``n`` times, as for
+        a whole call, then x_T, the loop and the decode."""
+        offset = rows.start % n
+        cond, uncond = self.encode_prompt(**texts, num_images_per_prompt=n, need_uncond=guidance.need_uncond,
+                                          need_cond=guidance.need_cond)
+        context = guidance.context(*(None if e is None else e[offset:offset + len(rows)] for e in (uncond, cond)))
+        latents = self.initial_latents(shape, latents, sampling, self.unet.device, context.dtype, layout,
+                                       passes=2 if guidance.both else 1)
+
+        def model(x, t):
+            return self.unet(self.scheduler.scale_model_input(x, t), t,
+                             encoder_hidden_states=guidance.select(context)).sample
+
+        return self.sample(latents, guidance.wrap(model, self.scheduler), sampling, output_type)
 
     def _check_size(self, height, width) -> tuple[int, int]:
         factor, sample_size = self.vae_scale_factor, self.unet.config.sample_size
