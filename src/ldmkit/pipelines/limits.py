@@ -7,7 +7,8 @@ The estimate (bytes) of one chunk of ``n`` images, latents of ``C x h x w``, ``P
     loop      = 8 * P * n * C * h * w * s                   x_t, the model output, the solvers' history
     unet      = n * P * s * ( sum_i (layers + 1) * c_i * t_i      skip connections held for the up path
                               + 8 * max_i c_i * t_i               one block's working set
-                              + 2 * max_(attention levels i) heads_i * t_i^2 )   self-attention scores
+                              + 2 * max_(attention levels i) heads_i * t_i^2     self-attention scores
+                              + 2 * max_i heads_i * t_i * 77 )    cross-attention scores (conditional UNet)
     decode    = n * s_d * ( 8 * max_j c_j * T_j + 2 * t_0'^2 )    decoder blocks; mid-block attention
     output    = 2 * n * 3 * H * W * 4                             the float image, and its conversion
     total     = loop + max(unet, decode) + output
@@ -40,6 +41,7 @@ ENV = "LDMKIT_MAX_MEMORY"
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 OFF = ("none", "off", "unlimited", "inf")
+CONTEXT_TOKENS = 77
 
 
 def parse_size(text: str) -> int | None:
@@ -117,7 +119,10 @@ def unet_bytes(config, batch: int, h: int, w: int, size: int) -> int:
                  if i < len(kinds) and "Attn" in kinds[i]]
     deepest = len(channels) - 1  # the mid-block attends at the deepest level
     attention.append(_heads(config, deepest, channels[deepest]) * _tokens(h, w, deepest) ** 2)
-    return batch * size * ((layers + 1) * sum(maps) + 8 * max(maps) + 2 * max(attention))
+    # Cross-attention scores against the text (77 tokens as in LDMBert and CLIP): small but not nothing.
+    cross = max(_heads(config, i, c) * _tokens(h, w, i) * CONTEXT_TOKENS for i, c in enumerate(channels)) \
+        if "cross_attention_dim" in config else 0
+    return batch * size * ((layers + 1) * sum(maps) + 8 * max(maps) + 2 * max(attention) + 2 * cross)
 
 
 def decoder_bytes(config, batch: int, h: int, w: int, size: int) -> int:

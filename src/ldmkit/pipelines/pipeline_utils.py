@@ -182,7 +182,8 @@ class DiffusionPipeline(MemoryMixin):
             hint = ", or decode in tiles (pipe.vqvae.enable_tiling())" if hasattr(vae, "enable_tiling") else ""
         sizes = (unet.dtype.itemsize, vae.dtype.itemsize if vae_config is not None else 4)
         parts = limits.estimate(unet.config, vae_config, shape, passes, sizes, unet_size, decode_size)
-        limits.check_fits(parts, torch.device(self._execution_device), hint)
+        device = self._offload.device if self._offload is not None else unet.device  # where the UNet computes
+        limits.check_fits(parts, torch.device(device), hint)
 
     def chunks(self, total: int, max_batch_size: int | None = None) -> list[range]:
         """The rows of each chunk of a call for ``total`` images: ``max_batch_size`` (default: the pipeline's
