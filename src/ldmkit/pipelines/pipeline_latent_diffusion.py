@@ -179,7 +179,7 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         shape = (total, self.unet.config.in_channels, height // factor, width // factor)
         layout = f"(batch, latent channels, height / {factor}, width / {factor})"
         if latents is not None:  # the whole x_T is checked before the first chunk runs
-            latents = check_latents(latents, shape, layout, latents.device, latents.dtype)
+            latents = check_latents(latents, shape, layout, None, None)
 
         def run(rows: range, chunk: Sampling) -> torch.Tensor:
             x_t = None if latents is None else latents[rows.start:rows.stop]

@@ -85,8 +85,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (total, self.unet.config.out_channels, *size)
         if latents is not None:  # the whole x_T is checked before the first chunk runs
-            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", latents.device,
-                                    latents.dtype)
+            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", None, None)
 
         def run(rows: range, chunk: Sampling) -> torch.Tensor:
             part = labels[rows.start:rows.stop].to(self.class_embedder.device)

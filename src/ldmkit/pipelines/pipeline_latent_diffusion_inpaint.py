@@ -148,8 +148,7 @@ class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
         factor = self.vae_scale_factor
         shape = (total, self.unet.config.out_channels, images.shape[-2] // factor, images.shape[-1] // factor)
         if latents is not None:  # the whole x_T is checked before the first chunk runs
-            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", latents.device,
-                                    latents.dtype)
+            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", None, None)
 
         def run(rows: range, chunk: Sampling) -> torch.Tensor:
             self.check_memory((len(rows), *shape[1:]))  # before the first stage encodes the chunk

@@ -49,8 +49,7 @@ class LDMPipeline(DiffusionPipeline, compvis_family="unconditional"):
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         if latents is not None:  # the whole x_T is checked before the first chunk runs
-            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", latents.device,
-                                    latents.dtype)
+            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", None, None)
 
         def predict(x, t):
             return self.unet(self.scheduler.scale_model_input(x, t), t).sample
