@@ -24,8 +24,17 @@ from .serve import add_serve_parser
 from .train import add_train_parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusals as every other user mistake: one line on stderr (pointing at --help), exit status 2
+    (argparse prints the whole usage block first; the sub-parsers are of this class too)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models: generate, upscale, "
+    parser = _Parser(prog="ldmkit", description="Latent diffusion models: generate, upscale, "
                                      "train, convert.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")

@@ -24,7 +24,8 @@ def check_non_negative(name: str, value, meaning: str):
         number = float(value)
     except (TypeError, ValueError, RuntimeError):
         number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+    # A string would pass float() here and fail later in arithmetic ('1' > 1); bool would mean 0 / 1.
+    if isinstance(value, bool | str | bytes) or not math.isfinite(number) or number < 0:
         raise LDMKitError(f"{name} must be a finite number >= 0 ({meaning}), got {value!r}.")
     return value
 
@@ -65,4 +66,4 @@ def check_latents(latents, shape: tuple, layout: str, device, dtype) -> torch.Te
         raise LDMKitError(f"latents must be floating point, got {latents.dtype}.")
     if not torch.isfinite(latents).all():
         raise LDMKitError("latents contain NaN or infinite values.")
-    return latents.to(device=device, dtype=dtype)
+    return latents.to(device=device, dtype=dtype)  # None: keep it where and as it is

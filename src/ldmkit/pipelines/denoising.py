@@ -9,6 +9,7 @@ them: the sampling arguments, classifier-free guidance, the scheduler step and t
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import warnings
@@ -57,6 +58,13 @@ class Sampling:
         bad = sorted(set(self.callback_inputs) - set(allowed_inputs))
         if bad:
             raise LDMKitError(f"callback_on_step_end_tensor_inputs may name {', '.join(allowed_inputs)}; got {bad}.")
+
+
+    def for_rows(self, rows: range) -> Sampling:
+        """The sampling of one chunk of the call's images: a list of generators is cut to the chunk's rows."""
+        if isinstance(self.generator, list | tuple):
+            return dataclasses.replace(self, generator=list(self.generator[rows.start:rows.stop]))
+        return self
 
 
 def legacy_callback(call: Callable, extra: dict) -> Callable | None:

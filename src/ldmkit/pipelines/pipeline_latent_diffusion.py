@@ -8,7 +8,7 @@ import torch
 
 from ..errors import LDMKitError
 from ..models import AutoencoderKL, LDMBertModel, UNet2DConditionModel, VQModel
-from .checks import check_image_size, check_output_type, check_positive_int
+from .checks import check_image_size, check_latents, check_output_type, check_positive_int
 from .denoising import CALLBACK_TENSORS, Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
@@ -20,6 +20,37 @@ def _as_prompt_list(prompt, name: str) -> list[str]:
     if len(prompts) == 0:
         raise LDMKitError(f"{name} is an empty list: give at least one prompt.")
     return list(prompts)
+
+
+class _Texts:
+    """The call's prompts (or embeddings) and negative prompts, checked once for the whole call, then taken
+    chunk by chunk (:meth:`take`)."""
+
+    def __init__(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, need_cond: bool):
+        for name, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if emb is not None and not (isinstance(emb, torch.Tensor) and emb.is_floating_point() and emb.ndim == 3):
+                raise LDMKitError(f"{name} must be a float tensor (batch, tokens, channels), got "
+                                  f"{getattr(emb, 'shape', type(emb).__name__)}.")
+            if emb is not None and not torch.isfinite(emb).all():
+                raise LDMKitError(f"{name} contains NaN or infinite values.")
+        self.prompts = _as_prompt_list(prompt, "prompt") if prompt_embeds is None else None
+        if self.prompts is not None and need_cond and not all(p.strip() for p in self.prompts):
+            raise LDMKitError("prompt is empty: write a prompt (or use guidance_scale=0 for a sample that ignores it).")
+        self.count = len(self.prompts) if self.prompts is not None else prompt_embeds.shape[0]
+        self.negatives = None
+        if negative_prompt is not None:
+            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            self.negatives = negatives * self.count if len(negatives) == 1 else negatives
+            if len(self.negatives) != self.count:
+                raise LDMKitError(f"negative_prompt has {len(negatives)} entries but prompt has {self.count}: "
+                                  "give one negative prompt, or one per prompt.")
+        self.embeds, self.negative_embeds = prompt_embeds, negative_prompt_embeds
+
+    def take(self, start: int, stop: int) -> dict:
+        """:meth:`LDMTextToImagePipeline.encode_prompt`'s text arguments for prompts ``start:stop``."""
+        values = (self.prompts, self.negatives, self.embeds, self.negative_embeds)
+        names = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds")
+        return {k: None if v is None else v[start:stop] for k, v in zip(names, values)}
 
 
 class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
@@ -116,6 +147,7 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         negative_prompt_embeds: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        max_batch_size: int | None = None,
         **kwargs,
     ):
         """Generate images from text.
@@ -127,6 +159,9 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
 
         ``callback_on_step_end(pipe, step_index, timestep, tensors)`` is called after every step with the
         tensors named in ``callback_on_step_end_tensor_inputs``; a dict it returns replaces them.
+        Prompts are processed ``max_batch_size`` images at a time (default: ``pipe.max_batch_size``, 16), each
+        chunk with its own rows' generators and converted to ``output_type`` as it is done, so memory does not
+        grow with the number of prompts (with guidance the UNet sees twice the chunk).
         Returns ``ImagePipelineOutput(images)`` (or a tuple if ``return_dict=False``); ``output_type`` is
         "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
         """
@@ -134,28 +169,41 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         if (prompt is None) == (prompt_embeds is None):
             raise LDMKitError("Pass either prompt or prompt_embeds (exactly one of them).")
         guidance = Guidance(guidance_scale, guidance_interval)
-        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        n = check_positive_int("num_images_per_prompt", num_images_per_prompt)
         height, width = self._check_size(height, width)
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
                             tuple(callback_on_step_end_tensor_inputs), legacy_callback(self.__call__, kwargs))
-
-        cond, uncond = self.encode_prompt(prompt, num_images_per_prompt, negative_prompt, prompt_embeds,
-                                          negative_prompt_embeds, need_uncond=guidance.need_uncond,
-                                          need_cond=guidance.need_cond)
-        context = guidance.context(uncond, cond)
-        batch = (cond if cond is not None else uncond).shape[0]
-        sampling.check(batch, CALLBACK_TENSORS)
-
+        texts = _Texts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance.need_cond)
+        sampling.check(total := texts.count * n, CALLBACK_TENSORS)
         factor = self.vae_scale_factor
-        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-        latents = self.initial_latents(shape, latents, sampling, self.unet.device, context.dtype,
-                                       f"(batch, latent channels, height / {factor}, width / {factor})")
+        shape = (total, self.unet.config.in_channels, height // factor, width // factor)
+        layout = f"(batch, latent channels, height / {factor}, width / {factor})"
+        if latents is not None:  # the whole x_T is checked before the first chunk runs
+            latents = check_latents(latents, shape, layout, None, None)
+
+        def run(rows: range, chunk: Sampling) -> torch.Tensor:
+            x_t = None if latents is None else latents[rows.start:rows.stop]
+            return self._chunk(rows, chunk, texts.take(rows.start // n, -(-rows.stop // n)), n, guidance,
+                               (len(rows), *shape[1:]), x_t, layout, output_type)
+
+        return self.run_chunks(total, max_batch_size, sampling, run, output_type, return_dict)
+
+    def _chunk(self, rows: range, sampling: Sampling, texts: dict, n: int, guidance: Guidance, shape: tuple,
+               latents, layout: str, output_type: str) -> torch.Tensor:
+        """The images of ``rows``: their prompts (``texts``) encoded once each and repeated ``n`` times, as for
+        a whole call, then x_T, the loop and the decode."""
+        offset = rows.start % n
+        cond, uncond = self.encode_prompt(**texts, num_images_per_prompt=n, need_uncond=guidance.need_uncond,
+                                          need_cond=guidance.need_cond)
+        context = guidance.context(*(None if e is None else e[offset:offset + len(rows)] for e in (uncond, cond)))
+        latents = self.initial_latents(shape, latents, sampling, self.unet.device, context.dtype, layout,
+                                       passes=2 if guidance.both else 1)
 
         def model(x, t):
             return self.unet(self.scheduler.scale_model_input(x, t), t,
                              encoder_hidden_states=guidance.select(context)).sample
 
-        return self.generate(latents, guidance.wrap(model, self.scheduler), sampling, output_type, return_dict)
+        return self.sample(latents, guidance.wrap(model, self.scheduler), sampling, output_type)
 
     def _check_size(self, height, width) -> tuple[int, int]:
         factor, sample_size = self.vae_scale_factor, self.unet.config.sample_size

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import LDMKitError
 from ..models import AutoencoderKL, ClassEmbedder, UNet2DConditionModel, VQModel
-from .checks import check_output_type
+from .checks import check_latents, check_output_type
 from .denoising import Guidance, Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
@@ -60,6 +60,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        max_batch_size: int | None = None,
         **kwargs,
     ):
         """One image per entry of ``class_labels``.
@@ -68,7 +69,8 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         sampling, the cin256 notebook uses 3.0; ``guidance_interval=(lo, hi)`` guides only
         the steps with noise level ``lo < sigma_t <= hi`` (see ``denoising.Guidance``).
         ``callback_on_step_end(pipe, i, t, {"latents": ...})`` is called after every step; a dict it returns
-        replaces the latents. ``output_type`` is "pil", "np"
+        replaces the latents. Labels are sampled ``max_batch_size`` at a time (default ``pipe.max_batch_size``),
+        each chunk with its rows' generators. ``output_type`` is "pil", "np"
         (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
         """
         check_output_type(output_type)
@@ -76,22 +78,30 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         guidance = Guidance(guidance_scale, guidance_interval)
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
                             legacy_callback=legacy_callback(self.__call__, kwargs))
-        sampling.check(labels.shape[0])
+        total = labels.shape[0]
+        sampling.check(total)
         device, dtype = self.unet.device, self.unet.dtype
-        labels = labels.to(self.class_embedder.device)
-        null = torch.full_like(labels, self.class_embedder.null_class)
-        # The unconditional half goes first, as in the original sampler; only the embeddings needed are made.
-        uncond = self.class_embedder(null) if guidance.need_uncond else None
-        cond = self.class_embedder(labels) if guidance.need_cond else None
-        context = guidance.context(uncond, cond).to(device=device, dtype=dtype)
-
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (labels.shape[0], self.unet.config.out_channels, *size)
-        latents = self.initial_latents(shape, latents, sampling, device, dtype)
+        shape = (total, self.unet.config.out_channels, *size)
+        if latents is not None:  # the whole x_T is checked before the first chunk runs
+            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", None, None)
 
-        def model(x, t):
-            return self.unet(self.scheduler.scale_model_input(x, t), t,
-                             encoder_hidden_states=guidance.select(context)).sample
+        def run(rows: range, chunk: Sampling) -> torch.Tensor:
+            part = labels[rows.start:rows.stop].to(self.class_embedder.device)
+            null = torch.full_like(part, self.class_embedder.null_class)
+            # The unconditional half goes first, as in the original sampler; only the embeddings needed are made.
+            uncond = self.class_embedder(null) if guidance.need_uncond else None
+            cond = self.class_embedder(part) if guidance.need_cond else None
+            context = guidance.context(uncond, cond).to(device=device, dtype=dtype)
+            x_t = self.initial_latents((len(rows), *shape[1:]), None if latents is None else
+                                       latents[rows.start:rows.stop], chunk, device, dtype,
+                                       passes=2 if guidance.both else 1)
 
-        return self.generate(latents, guidance.wrap(model, self.scheduler), sampling, output_type, return_dict)
+            def model(x, t):
+                return self.unet(self.scheduler.scale_model_input(x, t), t,
+                                 encoder_hidden_states=guidance.select(context)).sample
+
+            return self.sample(x_t, guidance.wrap(model, self.scheduler), chunk, output_type)
+
+        return self.run_chunks(total, max_batch_size, sampling, run, output_type, return_dict)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import LDMKitError
 from ..models import AutoencoderKL, UNet2DModel, VQModel
-from .checks import check_output_type
+from .checks import check_latents, check_output_type
 from .denoising import Sampling, legacy_callback
 from .image_processing import high_bit_to_unit, to_tensor
 from .pipeline_utils import DiffusionPipeline
@@ -85,6 +85,10 @@ class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
     def prepare_inputs(self, image, mask_image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(image, mask, condition)``: image and mask in [-1, 1] (the mask is +-1 after thresholding at
         0.5), and the UNet's concat condition ``[E(masked image), mask resized to the latent]``."""
+        return self._condition(*self._checked_inputs(image, mask_image))
+
+    def _checked_inputs(self, image, mask_image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (N, 3, H, W) and mask (N, 1, H, W) in [0, 1] on the CPU, of one count and size."""
         image, mask = _image_to_tensor(image), _mask_to_tensor(mask_image)
         if image.shape[0] != mask.shape[0] and 1 in (image.shape[0], mask.shape[0]):
             n = max(image.shape[0], mask.shape[0])
@@ -97,6 +101,9 @@ class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
         if height % multiple or width % multiple:
             raise LDMKitError(f"Inpainting needs height and width that are multiples of {multiple}, got "
                               f"{height}x{width}; crop or pad the image and mask.")
+        return image, mask
+
+    def _condition(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mask = (mask >= 0.5).float()
         masked = (1 - mask) * image
         device, dtype = self.vqvae.device, self.vqvae.dtype
@@ -119,6 +126,7 @@ class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        max_batch_size: int | None = None,
         **kwargs,
     ):
         """Inpaint ``image`` where ``mask_image`` is 1 (white).
@@ -126,15 +134,32 @@ class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
         ``image``: PIL, numpy or tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list; ``mask_image``:
         PIL (converted to grayscale), numpy or tensor in [0, 1], thresholded at 0.5. One mask can serve
         several images and the reverse. ``output_type`` "pil", "np", "pt" (N, C, H, W in [0, 1]) give the
-        composite; "latent" the final latents.
+        composite; "latent" the final latents. The images are read (as float tensors on the CPU) up front,
+        then encoded, inpainted and decoded ``max_batch_size`` at a time (default ``pipe.max_batch_size``).
         """
         check_output_type(output_type)
         if image is None or mask_image is None:
             raise LDMKitError("Inpainting needs image and mask_image (white = the part to repaint).")
-        image, mask, condition = self.prepare_inputs(image, mask_image)
+        images, masks = self._checked_inputs(image, mask_image)
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
                             legacy_callback=legacy_callback(self.__call__, kwargs))
-        sampling.check(image.shape[0])
+        total = images.shape[0]
+        sampling.check(total)
+        factor = self.vae_scale_factor
+        shape = (total, self.unet.config.out_channels, images.shape[-2] // factor, images.shape[-1] // factor)
+        if latents is not None:  # the whole x_T is checked before the first chunk runs
+            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", None, None)
+
+        def run(rows: range, chunk: Sampling) -> torch.Tensor:
+            self.check_memory((len(rows), *shape[1:]))  # before the first stage encodes the chunk
+            return self._inpaint(images[rows.start:rows.stop], masks[rows.start:rows.stop], chunk,
+                                 None if latents is None else latents[rows.start:rows.stop], output_type)
+
+        return self.run_chunks(total, max_batch_size, sampling, run, output_type, return_dict)
+
+    def _inpaint(self, image, mask, sampling: Sampling, latents, output_type: str) -> torch.Tensor:
+        """One chunk: the condition, x_T, the loop, the decode composited with the known pixels."""
+        image, mask, condition = self._condition(image, mask)
         device, dtype = self.unet.device, self.unet.dtype
         condition = condition.to(device=device, dtype=dtype)
         shape = (image.shape[0], self.unet.config.out_channels, *condition.shape[-2:])
@@ -154,4 +179,4 @@ class LDMInpaintPipeline(DiffusionPipeline, compvis_family="inpainting"):
             original = torch.clamp((image.float() + 1.0) / 2.0, min=0.0, max=1.0)
             return (1 - keep) * original + keep * predicted.to(original.device)
 
-        return self.generate(latents, predict, sampling, output_type, return_dict, postprocess=composite)
+        return self.sample(latents, predict, sampling, output_type, postprocess=composite)

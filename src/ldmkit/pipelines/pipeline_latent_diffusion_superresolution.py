@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,7 @@ class LDMSuperResolutionPipeline(DiffusionPipeline, compvis_family="super-resolu
         tile_overlap: int = 32,
         decode_tile_size: int = 64,
         callback_on_step_end: Callable | None = None,
+        max_batch_size: int | None = None,
         **kwargs,
     ):
         """Upscale ``image``: PIL, a numpy array (uint8, or float in [0, 1]) or a tensor (uint8, or float in
@@ -62,36 +64,48 @@ class LDMSuperResolutionPipeline(DiffusionPipeline, compvis_family="super-resolu
         list of mixed sizes is processed one size at a time and returned in the input order.
         ``tiling``: None = automatic (above ``tile_size`` input pixels on a side), True = always, False =
         never. Tiles overlap by ``tile_overlap`` pixels and are blended with smooth weights; the decoder
-        works on ``decode_tile_size`` latent tiles.
+        works on ``decode_tile_size`` latent tiles. Chunks of ``max_batch_size`` (default ``pipe.max_batch_size``).
         """
         check_output_type(output_type)
         legacy = legacy_callback(self.__call__, kwargs)
         if image is None:
             raise LDMKitError("image is required: the low-resolution image to upscale.")
         check_positive_int("batch_size", batch_size)
-        multiple = self._unet_multiple
-        for name, value in (("tile_size", tile_size), ("decode_tile_size", decode_tile_size)):
-            if not isinstance(value, int) or value < multiple or value % multiple:
-                raise LDMKitError(f"{name} must be a positive multiple of {multiple}, got {value!r}.")
-        if not 0 <= tile_overlap < tile_size:
-            raise LDMKitError(f"tile_overlap must be in [0, tile_size), got {tile_overlap}.")
+        self._check_tiles(tile_size, tile_overlap, decode_tile_size)
         groups = to_tensor_groups(image, signed=True)
         total = sum(len(idx) for idx, _ in groups) * batch_size
         Sampling(num_inference_steps, eta, generator).check(total)
         if latents is not None and len(groups) > 1:
             raise LDMKitError("latents can only be given for images of one size.")
+        if latents is not None and (not isinstance(latents, torch.Tensor) or latents.ndim != 4
+                                    or latents.shape[0] != total):
+            raise LDMKitError(f"latents must be a tensor (batch, latent channels, height, width) with batch {total} "
+                              f"(images x batch_size), got {getattr(latents, 'shape', type(latents).__name__)}.")
 
         tiles = _Tiles(tiling, tile_size, tile_overlap, decode_tile_size)
-        results: list[torch.Tensor | None] = [None] * total
+        results: list = [None] * total
         for indices, lowres in groups:
             rows = [i * batch_size + k for i in indices for k in range(batch_size)]
-            gens = [generator[r] for r in rows] if isinstance(generator, list | tuple) else generator
-            sampling = Sampling(num_inference_steps, eta, gens, callback_on_step_end, legacy_callback=legacy)
-            out = self._upscale(lowres.repeat_interleave(batch_size, dim=0), sampling, latents, tiles, output_type)
-            for row, img in zip(rows, out):
-                results[row] = img
+            for part in self.chunks(len(rows), max_batch_size):
+                chunk_rows = rows[part.start:part.stop]
+                gens = [generator[r] for r in chunk_rows] if isinstance(generator, list | tuple) else generator
+                sampling = Sampling(num_inference_steps, eta, gens, callback_on_step_end, legacy_callback=legacy)
+                x_t = None if latents is None else latents[part.start:part.stop]
+                out = self._upscale(lowres[[j // batch_size for j in part]], sampling, x_t, tiles, output_type)
+                # Each chunk goes to the output type as it is done: no float batch outlives its chunk.
+                out = out if output_type in ("pt", "latent") else convert_images(out, output_type)
+                for row, img in zip(chunk_rows, out):
+                    results[row] = img
         images = _collate(results, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _check_tiles(self, tile_size, tile_overlap, decode_tile_size) -> None:
+        multiple = self._unet_multiple
+        for name, value in (("tile_size", tile_size), ("decode_tile_size", decode_tile_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+                raise LDMKitError(f"{name} must be a positive multiple of {multiple}, got {value!r}.")
+        if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
+            raise LDMKitError(f"tile_overlap must be an integer in [0, tile_size), got {tile_overlap!r}.")
 
     def _upscale(self, lowres, sampling: Sampling, latents, tiles: _Tiles, output_type: str) -> torch.Tensor:
         """One group of same-size inputs: x_T, the (tiled) predict closure, the loop, the (tiled) decode."""
@@ -106,8 +120,11 @@ class LDMSuperResolutionPipeline(DiffusionPipeline, compvis_family="super-resolu
         if latent_channels < 1:
             raise LDMKitError(f"The UNet takes {self.unet.config.in_channels} channels, too few for a "
                               "latent plus an RGB image: this is not a super-resolution UNet.")
-        latents = self.initial_latents((n, latent_channels, ph, pw), latents, sampling, device, dtype)
         tiled = tiles.enabled if tiles.enabled is not None else (ph > tiles.size or pw > tiles.size)
+        memory = {"unet_size": (min(ph, tiles.size), min(pw, tiles.size)),
+                  "decode_size": (min(ph, tiles.decode_size), min(pw, tiles.decode_size))} if tiled else {}
+        latents = self.initial_latents((n, latent_channels, ph, pw), latents, sampling, device, dtype,
+                                       hint=", or tiling=True (with a smaller tile_size)", **memory)
 
         def denoise(x, c, t):
             # Only the noisy latent goes through scale_model_input; the low-res image is a condition.
@@ -150,10 +167,8 @@ class _Tiles:
     decode_size: int
 
 
-def _collate(results: list[torch.Tensor], output_type: str):
+def _collate(results: list, output_type: str):
     """Stack same-size results; a mixed-size list stays a list (PIL images are always a list)."""
-    if output_type == "pil":
-        return [convert_images(r[None], "pil")[0] for r in results]
-    if all(r.shape == results[0].shape for r in results):
-        return convert_images(torch.stack(results), output_type) if output_type == "np" else torch.stack(results)
-    return [convert_images(r[None], output_type)[0] if output_type == "np" else r for r in results]
+    if output_type == "pil" or not all(r.shape == results[0].shape for r in results):
+        return results
+    return np.stack(results) if output_type == "np" else torch.stack(results)

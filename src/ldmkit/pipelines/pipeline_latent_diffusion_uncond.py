@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..models import AutoencoderKL, UNet2DModel, VQModel
-from .checks import check_output_type, check_positive_int
+from .checks import check_latents, check_output_type, check_positive_int
 from .denoising import Sampling, legacy_callback
 from .pipeline_utils import DiffusionPipeline
 
@@ -35,8 +35,11 @@ class LDMPipeline(DiffusionPipeline, compvis_family="unconditional"):
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
+        max_batch_size: int | None = None,
         **kwargs,
     ):
+        """``batch_size`` samples, made ``max_batch_size`` at a time (default ``pipe.max_batch_size``), each
+        chunk with its rows' generators and converted to ``output_type`` as it is done."""
         check_output_type(output_type)
         check_positive_int("batch_size", batch_size)
         sampling = Sampling(num_inference_steps, eta, generator, callback_on_step_end,
@@ -45,9 +48,15 @@ class LDMPipeline(DiffusionPipeline, compvis_family="unconditional"):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
-        latents = self.initial_latents(shape, latents, sampling, self.unet.device, self.unet.dtype)
+        if latents is not None:  # the whole x_T is checked before the first chunk runs
+            latents = check_latents(latents, shape, "(batch, latent channels, height, width)", None, None)
 
         def predict(x, t):
             return self.unet(self.scheduler.scale_model_input(x, t), t).sample
 
-        return self.generate(latents, predict, sampling, output_type, return_dict)
+        def run(rows: range, chunk: Sampling) -> torch.Tensor:
+            x_t = self.initial_latents((len(rows), *shape[1:]), None if latents is None else
+                                       latents[rows.start:rows.stop], chunk, self.unet.device, self.unet.dtype)
+            return self.sample(x_t, predict, chunk, output_type)
+
+        return self.run_chunks(batch_size, max_batch_size, sampling, run, output_type, return_dict)

@@ -22,8 +22,8 @@ from ..models.modeling_utils import parse_dtype
 from ..outputs import BaseOutput
 from ..randomness import randn_tensor
 from ..registry import COMPVIS_FAMILIES, PIPELINES, loader
-from . import feature_cache
-from .checks import check_latents
+from . import feature_cache, limits
+from .checks import check_latents, check_positive_int
 from .denoising import Predict, Sampling, decode_first_stage, make_step
 from .memory import MemoryMixin
 from .reuse import build_from_pipe, component_entry
@@ -55,6 +55,27 @@ def convert_images(images: torch.Tensor, output_type: str):
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
+class _Output:
+    """The images of a call, filled chunk by chunk: PIL images in a list, arrays and tensors in one
+    preallocated batch (so that no chunk's float images outlive it and nothing is concatenated at the end)."""
+
+    def __init__(self, total: int, output_type: str):
+        self.total, self.output_type, self.images = total, output_type, None
+
+    def add(self, rows: range, images: torch.Tensor) -> None:
+        if self.output_type not in ("pt", "latent"):
+            images = convert_images(images, self.output_type)
+        if self.output_type == "pil":
+            self.images = self.images or []
+            self.images.extend(images)
+            return
+        if self.images is None:
+            shape = (self.total, *images.shape[1:])
+            self.images = np.empty(shape, images.dtype) if isinstance(images, np.ndarray) else \
+                images.new_empty(shape)
+        self.images[rows.start:rows.stop] = images
+
+
 class DiffusionPipeline(MemoryMixin):
     """Base of every pipeline.
 
@@ -64,6 +85,9 @@ class DiffusionPipeline(MemoryMixin):
     """
 
     draw_noise_every_step = False
+    # Images per chunk of a call (every pipeline's ``max_batch_size=`` overrides it for one call): a call for
+    # more images runs chunk after chunk, each converted to the output as it finishes (bounded memory).
+    max_batch_size = 16
     # What from_pretrained / from_single_file loaded the pipeline from (``name_or_path``); None when built.
     _name_or_path: str | os.PathLike | None = None
 
@@ -129,15 +153,54 @@ class DiffusionPipeline(MemoryMixin):
         self._progress_bar_config = dict(kwargs)
 
     def initial_latents(self, shape: tuple, latents: torch.Tensor | None, sampling: Sampling, device, dtype,
-                        layout: str = "(batch, latent channels, height, width)") -> torch.Tensor:
+                        layout: str = "(batch, latent channels, height, width)", passes: int = 1,
+                        **tiles) -> torch.Tensor:
         """``x_T``: drawn from the generator (or the caller's ``latents``, checked), after ``set_timesteps``,
-        times the scheduler's ``init_noise_sigma`` (1 for DDIM/DDPM, sigma_max for the sigma-space samplers)."""
+        times the scheduler's ``init_noise_sigma`` (1 for DDIM/DDPM, sigma_max for the sigma-space samplers).
+        First the request is checked to fit in memory (:meth:`check_memory`; ``passes`` UNet passes per step,
+        ``tiles``: its ``unet_size`` / ``decode_size`` / ``hint``), before anything of its size is allocated."""
+        self.check_memory(shape, passes, **tiles)
         if latents is None:
             latents = randn_tensor(shape, generator=sampling.generator, device=device, dtype=dtype)
         else:
             latents = check_latents(latents, shape, layout, device, dtype)
         self.scheduler.set_timesteps(sampling.num_inference_steps, device=device)
         return latents * self.scheduler.init_noise_sigma
+
+    def check_memory(self, shape: tuple, passes: int = 1, unet_size: tuple[int, int] | None = None,
+                     decode_size: tuple[int, int] | None = None, hint: str | None = None) -> None:
+        """Refuse latents of ``shape`` whose activations would not fit in the memory available where the
+        networks run (the estimate and the limit: ``pipelines/limits.py``; ``LDMKIT_MAX_MEMORY`` overrides)."""
+        unet, vae = getattr(self, "unet", None), getattr(self, "vqvae", None)
+        if not isinstance(unet, torch.nn.Module):
+            return
+        vae_config = vae.config if isinstance(vae, torch.nn.Module) else None
+        if decode_size is None and getattr(vae, "use_tiling", False):
+            tile = vae.tile_latent_min_size
+            decode_size = (min(tile, shape[-2]), min(tile, shape[-1]))
+        if hint is None:
+            hint = ", or decode in tiles (pipe.vqvae.enable_tiling())" if hasattr(vae, "enable_tiling") else ""
+        sizes = (unet.dtype.itemsize, vae.dtype.itemsize if vae_config is not None else 4)
+        parts = limits.estimate(unet.config, vae_config, shape, passes, sizes, unet_size, decode_size)
+        device = self._offload.device if self._offload is not None else unet.device  # where the UNet computes
+        limits.check_fits(parts, torch.device(device), hint)
+
+    def chunks(self, total: int, max_batch_size: int | None = None) -> list[range]:
+        """The rows of each chunk of a call for ``total`` images: ``max_batch_size`` (default: the pipeline's
+        attribute) at a time."""
+        size = self.max_batch_size if max_batch_size is None else max_batch_size
+        check_positive_int("max_batch_size", size)
+        return [range(start, min(start + size, total)) for start in range(0, total, size)]
+
+    def run_chunks(self, total: int, max_batch_size: int | None, sampling: Sampling,
+                   run: Callable[[range, Sampling], torch.Tensor], output_type: str, return_dict: bool):
+        """``run(rows, sampling) -> images`` (N, C, H, W in [0, 1], or latents) for each chunk of rows, each
+        chunk with its own rows' generators (a single generator goes on from chunk to chunk: the same as
+        calling the pipeline once per chunk), each result converted to ``output_type`` as it is done."""
+        output = _Output(total, output_type)
+        for rows in self.chunks(total, max_batch_size):
+            output.add(rows, run(rows, sampling.for_rows(rows)))
+        return ImagePipelineOutput(images=output.images) if return_dict else (output.images,)
 
     # ----------------------------------------------------------------- the one denoising loop
     def denoise(self, latents: torch.Tensor, predict: Predict, sampling: Sampling) -> torch.Tensor:
@@ -184,15 +247,18 @@ class DiffusionPipeline(MemoryMixin):
         scale = self.vqvae.config.scaling_factor if scale is None else scale
         return decode_first_stage(self.vqvae, latents, scale, decode)
 
+    def sample(self, latents: torch.Tensor, predict: Predict, sampling: Sampling, output_type: str,
+               postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Denoise, then decode (``postprocess(latents) -> images in [0, 1]``, default :meth:`decode`) unless
+        ``output_type`` is "latent": the end of every pipeline's work on one chunk."""
+        latents = self.denoise(latents, predict, sampling)
+        return latents if output_type == "latent" else (postprocess or self.decode)(latents)
+
     def generate(self, latents: torch.Tensor, predict: Predict, sampling: Sampling, output_type: str,
                  return_dict: bool, postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """Denoise, decode (``postprocess(latents) -> images in [0, 1]``, default :meth:`decode`) and convert
-        to ``output_type``: the end of every pipeline's ``__call__``."""
-        latents = self.denoise(latents, predict, sampling)
-        if output_type == "latent":
-            images = latents
-        else:
-            images = convert_images((postprocess or self.decode)(latents), output_type)
+        """:meth:`sample` converted to ``output_type`` and wrapped as a pipeline output (one chunk)."""
+        images = self.sample(latents, predict, sampling, output_type, postprocess)
+        images = images if output_type == "latent" else convert_images(images, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def progress_bar(self, iterable=None, total=None):
