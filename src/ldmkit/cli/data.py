@@ -51,8 +51,8 @@ def run_data(args) -> int:
     if kind != "emoji":
         raise LDMKitError("Say what to build: `ldmkit data emoji --out DIR`.")
     report = build_emoji_dataset(args.out, size=args.size, font_path=args.font, force=args.force,
-                                 test_fraction=args.test_fraction, limit=args.limit, labels=not args.no_labels,
-                                 emoji_test=args.emoji_test)
+                                 test_fraction=args.test_fraction, limit=args.limit,
+                                 labels=False if args.no_labels else None, emoji_test=args.emoji_test)
     dropped = ", ".join(f"{len(c)} {r}" for r, c in sorted(report.dropped.items())) or "none"
     print(f"{report.train + report.test} emoji written to {args.out} ({report.train} train, {report.test} test; "
           f"dropped: {dropped}) in {report.seconds:.1f} s"

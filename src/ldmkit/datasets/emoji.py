@@ -272,14 +272,23 @@ def iter_kept(font: EmojiFont, items: Iterable[Emoji], size: int, report: BuildR
 
 def build_emoji_dataset(out: str | Path, size: int = 32, font_path: str | None = None, force: bool = False,
                         test_fraction: float = DEFAULT_TEST_FRACTION, limit: int | None = None,
-                        items: Iterable[Emoji] | None = None, labels: bool = True,
+                        items: Iterable[Emoji] | None = None, labels: bool | None = None,
                         emoji_test: str | None = None) -> BuildReport:
     """Render the emoji (``items``, default: all of the ``emoji`` package; the first ``limit`` of them) into
     ``out``. Images and metadata files are written atomically, the manifest last: a folder without
     ``manifest.json`` is an interrupted build. With ``labels`` the class labels (Unicode subgroups, see
-    emoji_classes.py; needs emoji-test.txt) are then added as the ``label`` column."""
-    if labels:
+    emoji_classes.py; needs emoji-test.txt) are then added as the ``label`` column; None: when
+    emoji-test.txt is found (``emoji_test`` or unicode-data's), else with a warning."""
+    if labels or emoji_test is not None:
         find_emoji_test(emoji_test)  # fail before rendering, not after
+        labels = True
+    elif labels is None:
+        try:
+            find_emoji_test()
+            labels = True
+        except LDMKitError as e:
+            log.warning("No class labels (the 'label' column): %s", e)
+            labels = False
     if size < 1:
         raise LDMKitError(f"--size must be a positive number of pixels, not {size}.")
     if not 0.0 <= test_fraction < 1.0:
