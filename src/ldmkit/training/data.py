@@ -2,9 +2,9 @@
 
 The folder follows Hugging Face's "imagefolder" convention: images anywhere below ``root``; captions in a
 ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line) or ``metadata.csv`` next to them;
-the class label of an image is the name of its first sub-folder. Only paths and captions are kept in
-memory, so the folder may be larger than memory. An unreadable image is replaced by the next readable one
-(so every batch keeps its size and every process its place) and counted.
+the class label of an image is the name of its first sub-folder, or a metadata column (``data.label_column``).
+Only paths and captions are kept in memory, so the folder may be larger than memory. An unreadable image
+is replaced by the next readable one (so every batch keeps its size and every process its place) and counted.
 
 Randomness never depends on the process layout: the shuffle of epoch ``e`` comes from ``(seed, e)`` and
 the crop/flip of an image from ``(seed, e, index)``, so 1 or N processes, with or without data-loader
