@@ -164,3 +164,20 @@ def test_class_and_inpaint_recipes_are_checked(toy, tmp_path):
         _recipe(toy, "class", 1, classes={"class_dropout": 1.0})
     with pytest.raises(LDMKitError, match="class_names has 2 names but n_classes=5"):
         ClassEmbedder(n_classes=5, embed_dim=4, class_names=["a", "b"])
+
+
+@pytest.mark.parametrize("name", ["emoji-uncond", "emoji-class", "emoji-inpaint"])
+def test_emoji_recipes_fit_the_bundle_budget(name):
+    """Each bundled model is <= ~6 MB in fp16 with its 1.8 MB autoencoder: a UNet of at most 2 M parameters
+    (on the 8x8x4 latents of recipes/emoji-vq32-autoencoder.yaml)."""
+    from pathlib import Path
+
+    from ldmkit.training import load_recipe
+    from ldmkit.training.ldm import build_unet
+
+    recipe = load_recipe("ldm", Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+    assert recipe.autoencoder == "runs/emoji-vq32-autoencoder/final" and not recipe.data.random_flip
+    unet = build_unet(recipe, channels=4, size=8)
+    assert sum(p.numel() for p in unet.parameters()) <= 2_000_000
+    expected = {"emoji-uncond": 4, "emoji-class": 4, "emoji-inpaint": 4 + 4 + 1}[name]
+    assert unet.config.in_channels == expected
