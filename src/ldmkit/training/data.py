@@ -138,8 +138,11 @@ def read_column(root: Path, column: str, what: str = "caption") -> dict[Path, st
                                       f"needs file_name and the {what} column.")
                 if column not in row:
                     close = [k for k in row if k != "file_name"]
+                    extra = (" For a folder `ldmkit data emoji` built, `ldmkit data emoji-labels "
+                             f"{root.parent if root.name in ('train', 'test') else root}` adds the 'label' column."
+                             if what == "label" else "")
                     raise LDMKitError(f"{meta}:{line} has no {what} column {column!r} (found {close}). Set "
-                                      f"data.{what}_column to the column that holds the {what}s.")
+                                      f"data.{what}_column to the column that holds the {what}s.{extra}")
                 value = row[column]
                 if what == "label" and isinstance(value, int) and not isinstance(value, bool):
                     value = str(value)
