@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..errors import LDMKitError
 from ..io import atomic_write, atomic_write_text, sha256_file
+from .emoji_classes import add_labels, find_emoji_test
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class BuildReport:
     test: int = 0
     dropped: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    labels: dict | None = None
 
     def drop(self, reason: str, caption: str) -> None:
         self.dropped.setdefault(reason, []).append(caption)
@@ -270,10 +272,23 @@ def iter_kept(font: EmojiFont, items: Iterable[Emoji], size: int, report: BuildR
 
 def build_emoji_dataset(out: str | Path, size: int = 32, font_path: str | None = None, force: bool = False,
                         test_fraction: float = DEFAULT_TEST_FRACTION, limit: int | None = None,
-                        items: Iterable[Emoji] | None = None) -> BuildReport:
+                        items: Iterable[Emoji] | None = None, labels: bool | None = None,
+                        emoji_test: str | None = None) -> BuildReport:
     """Render the emoji (``items``, default: all of the ``emoji`` package; the first ``limit`` of them) into
     ``out``. Images and metadata files are written atomically, the manifest last: a folder without
-    ``manifest.json`` is an interrupted build."""
+    ``manifest.json`` is an interrupted build. With ``labels`` the class labels (Unicode subgroups, see
+    emoji_classes.py; needs emoji-test.txt) are then added as the ``label`` column; None: when
+    emoji-test.txt is found (``emoji_test`` or unicode-data's), else with a warning."""
+    if labels or emoji_test is not None:
+        find_emoji_test(emoji_test)  # fail before rendering, not after
+        labels = True
+    elif labels is None:
+        try:
+            find_emoji_test()
+            labels = True
+        except LDMKitError as e:
+            log.warning("No class labels (the 'label' column): %s", e)
+            labels = False
     if size < 1:
         raise LDMKitError(f"--size must be a positive number of pixels, not {size}.")
     if not 0.0 <= test_fraction < 1.0:
@@ -294,6 +309,8 @@ def build_emoji_dataset(out: str | Path, size: int = 32, font_path: str | None =
     report.train, report.test = len(rows["train"]), len(rows["test"])
     report.seconds = time.perf_counter() - start
     write_manifest(out, font, size, test_fraction, len(items), report)
+    if labels and report.train:
+        report.labels = add_labels(out, emoji_test)
     return report
 
 

@@ -17,10 +17,21 @@ class ClassEmbedder(ModelMixin, library="ldmkit"):
     (``n_classes x embed_dim``), the name the original ``ClassEmbedder`` uses. cin256 has 1001 classes: the
     ImageNet ones and, last, the "null" class trained as the unconditional input for classifier-free
     guidance.
+
+    ``class_names`` (saved in config.json) names the ``n_classes - 1`` real classes in id order, for models
+    ldmkit trained (the null class is unnamed); CompVis-converted models have None.
     """
 
-    def __init__(self, n_classes: int = 1001, embed_dim: int = 512):
+    def __init__(self, n_classes: int = 1001, embed_dim: int = 512, class_names: list[str] | None = None):
         super().__init__()
+        if class_names is not None:
+            class_names = [str(name) for name in class_names]
+            if len(class_names) != n_classes - 1:
+                raise LDMKitError(f"ClassEmbedder: class_names has {len(class_names)} names but n_classes="
+                                  f"{n_classes} needs {n_classes - 1} (one per class; the last, null class is "
+                                  "unnamed). Give one name per class or class_names=None.")
+            if len(set(class_names)) != len(class_names):
+                raise LDMKitError("ClassEmbedder: class_names has duplicates; each class needs its own name.")
         self.register_config(locals())
         self.embedding = nn.Embedding(n_classes, embed_dim)
 

@@ -2,9 +2,9 @@
 
 The folder follows Hugging Face's "imagefolder" convention: images anywhere below ``root``; captions in a
 ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line) or ``metadata.csv`` next to them;
-the class label of an image is the name of its first sub-folder. Only paths and captions are kept in
-memory, so the folder may be larger than memory. An unreadable image is replaced by the next readable one
-(so every batch keeps its size and every process its place) and counted.
+the class label of an image is the name of its first sub-folder, or a metadata column (``data.label_column``).
+Only paths and captions are kept in memory, so the folder may be larger than memory. An unreadable image
+is replaced by the next readable one (so every batch keeps its size and every process its place) and counted.
 
 Randomness never depends on the process layout: the shuffle of epoch ``e`` comes from ``(seed, e)`` and
 the crop/flip of an image from ``(seed, e, index)``, so 1 or N processes, with or without data-loader
@@ -50,8 +50,12 @@ class ImageFolder:
 
 
 def scan_folder(root: str | Path, caption_column: str = "text", caption_template: str | None = None,
-                need_captions: bool = False) -> ImageFolder:
-    """List the images below ``root`` with their captions and labels (sorted by path: a stable order)."""
+                need_captions: bool = False, label_column: str | None = None,
+                need_labels: bool = False) -> ImageFolder:
+    """List the images below ``root`` with their captions and labels (sorted by path: a stable order).
+
+    Labels are the first sub-folder's name, or with ``label_column`` that metadata column's value; the class
+    ids follow the sorted names (numerically when every name is an integer)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise LDMKitError(f"data.root {root} is not a folder. Point data.root at the folder of training images.")
@@ -61,12 +65,17 @@ def scan_folder(root: str | Path, caption_column: str = "text", caption_template
         raise LDMKitError(f"data.root {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}). Put the training "
                           "images there (sub-folders are class labels).")
     captions = read_captions(root, caption_column)
-    class_names = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
+    if label_column is not None:
+        named = read_column(root, label_column, "label")
+        label_names = {p: named.get(p.resolve()) for p in paths}
+    else:
+        label_names = {p: p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None
+                       for p in paths}
+    class_names = sorted({n for n in label_names.values() if n is not None}, key=_class_order)
     label_of = {name: i for i, name in enumerate(class_names)}
     records = []
     for p in paths:
-        rel = p.relative_to(root)
-        label = label_of[rel.parts[0]] if len(rel.parts) > 1 else None
+        label = None if label_names[p] is None else label_of[label_names[p]]
         caption = captions.get(p.resolve())
         if caption is None and caption_template is not None and label is not None:
             caption = caption_template.format(label=class_names[label].replace("_", " "))
@@ -76,35 +85,71 @@ def scan_folder(root: str | Path, caption_column: str = "text", caption_template
         logger.warning("%d caption(s) in the metadata name files that are not images below %s (e.g. %s).",
                        len(unknown), root, sorted(unknown)[0])
     if need_captions:
-        missing = [r.path.relative_to(root) for r in records if r.caption is None]
-        if missing:
-            raise LDMKitError(
-                f"{len(missing)} of {len(records)} images in {root} have no caption (e.g. "
-                f"{', '.join(str(m) for m in missing[:3])}). Text conditioning needs one per image: add lines "
-                f'{{"file_name": "{missing[0].as_posix()}", "{caption_column}": "..."}} to {root}/metadata.jsonl, '
-                "or set data.caption_template (e.g. 'a photo of a {label}') to caption by sub-folder.")
+        _require_captions(root, records, caption_column)
+    if need_labels:
+        _require_labels(root, records, label_column)
     return ImageFolder(records, class_names)
+
+
+def _class_order(name: str):
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def _require_captions(root: Path, records: list[Record], caption_column: str) -> None:
+    missing = [r.path.relative_to(root) for r in records if r.caption is None]
+    if missing:
+        raise LDMKitError(
+            f"{len(missing)} of {len(records)} images in {root} have no caption (e.g. "
+            f"{', '.join(str(m) for m in missing[:3])}). Text conditioning needs one per image: add lines "
+            f'{{"file_name": "{missing[0].as_posix()}", "{caption_column}": "..."}} to {root}/metadata.jsonl, '
+            "or set data.caption_template (e.g. 'a photo of a {label}') to caption by sub-folder.")
+
+
+def _require_labels(root: Path, records: list[Record], label_column: str | None) -> None:
+    missing = [r.path.relative_to(root) for r in records if r.label is None]
+    if not missing:
+        if len({r.label for r in records}) < 2:
+            raise LDMKitError(f"Every image in {root} has the same class label: class conditioning needs at "
+                              "least two classes. Check data.label_column or the sub-folders.")
+        return
+    where = (f'a "{label_column}" value in {root}/metadata.jsonl (e.g. {{"file_name": "{missing[0].as_posix()}", '
+             f'"{label_column}": "..."}})' if label_column else
+             "a class sub-folder (root/CLASS/image.png), or set data.label_column to a metadata column")
+    raise LDMKitError(f"{len(missing)} of {len(records)} images in {root} have no class label (e.g. "
+                      f"{', '.join(str(m) for m in missing[:3])}). Class conditioning needs one per image: "
+                      f"give each {where}.")
 
 
 def read_captions(root: Path, column: str) -> dict[Path, str]:
     """Captions from every metadata.jsonl / metadata.csv below ``root``; file_name is relative to its file."""
-    captions: dict[Path, str] = {}
+    return read_column(root, column, "caption")
+
+
+def read_column(root: Path, column: str, what: str = "caption") -> dict[Path, str]:
+    """``column`` of every metadata.jsonl / metadata.csv row below ``root``, by resolved image path. Captions
+    must be strings; labels may be strings or integers (kept as their text)."""
+    values: dict[Path, str] = {}
     for name in METADATA_FILES:
         for meta in sorted(root.rglob(name)):
             rows = _read_jsonl(meta) if name.endswith(".jsonl") else _read_csv(meta)
             for line, row in rows:
                 if "file_name" not in row:
                     raise LDMKitError(f"{meta}:{line} has no 'file_name' (found keys {sorted(row)}). Each row "
-                                      "needs file_name and the caption column.")
+                                      f"needs file_name and the {what} column.")
                 if column not in row:
                     close = [k for k in row if k != "file_name"]
-                    raise LDMKitError(f"{meta}:{line} has no caption column {column!r} (found {close}). Set "
-                                      f"data.caption_column to the column that holds the captions.")
-                text = row[column]
-                if not isinstance(text, str):
-                    raise LDMKitError(f"{meta}:{line}: the caption must be a string, got {text!r}.")
-                captions[(meta.parent / str(row["file_name"])).resolve()] = text
-    return captions
+                    extra = (" For a folder `ldmkit data emoji` built, `ldmkit data emoji-labels "
+                             f"{root.parent if root.name in ('train', 'test') else root}` adds the 'label' column."
+                             if what == "label" else "")
+                    raise LDMKitError(f"{meta}:{line} has no {what} column {column!r} (found {close}). Set "
+                                      f"data.{what}_column to the column that holds the {what}s.{extra}")
+                value = row[column]
+                if what == "label" and isinstance(value, int) and not isinstance(value, bool):
+                    value = str(value)
+                if not isinstance(value, str):
+                    raise LDMKitError(f"{meta}:{line}: the {what} must be a string, got {value!r}.")
+                values[(meta.parent / str(row["file_name"])).resolve()] = value
+    return values
 
 
 def _read_jsonl(path: Path):
@@ -319,4 +364,4 @@ def make_loader(dataset: Dataset, sampler: StepBatchSampler, num_workers: int) -
 
 
 __all__ = ["ImageDataset", "ImageFolder", "Record", "StepBatchSampler", "collate", "crop_and_flip", "load_rgb",
-           "make_loader", "read_captions", "scan_folder", "split_holdout", "to_tensor"]
+           "make_loader", "read_captions", "read_column", "scan_folder", "split_holdout", "to_tensor"]

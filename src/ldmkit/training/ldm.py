@@ -1,7 +1,8 @@
 """Second-stage training: the latent diffusion model on a frozen autoencoder's latents (Rombach et al. 2022,
 sec. 3.2-3.3). Text conditioning trains LDMBert jointly with the UNet (sec. 3.3: "tau_theta and eps_theta
 are jointly optimized", eq. 3); super-resolution concatenates the low-resolution image to the latent
-(sec. 4.4); unconditional models get neither."""
+(sec. 4.4); class conditioning trains a ClassEmbedder jointly, inpainting concatenates the masked image's
+latent and the mask (both in ldm_conditions.py); unconditional models get none."""
 
 from __future__ import annotations
 
@@ -16,15 +17,23 @@ from torch import nn
 
 from ..configuration import read_json
 from ..errors import LDMKitError
-from ..models import AutoencoderKL, LDMBertModel, UNet2DConditionModel, UNet2DModel, VQModel
-from ..pipelines import LDMPipeline, LDMSuperResolutionPipeline, LDMTextToImagePipeline
+from ..models import AutoencoderKL, ClassEmbedder, LDMBertModel, UNet2DConditionModel, UNet2DModel, VQModel
+from ..pipelines import (
+    LDMClassConditionalPipeline,
+    LDMInpaintPipeline,
+    LDMPipeline,
+    LDMSuperResolutionPipeline,
+    LDMTextToImagePipeline,
+)
 from ..schedulers import DDIMScheduler, DDPMScheduler
 from ..tokenizer import LDMTokenizer
 from . import losses
-from .data import ImageDataset, crop_and_flip, load_rgb, scan_folder
+from .data import ImageDataset, scan_folder
 from .degradations import degrade
 from .faults import commit_folder, removed_on_error
 from .latent_cache import CachedLatentDataset, build_cache
+from .ldm_conditions import class_ids, drop_labels, first_images, inpaint_condition, inpaint_grid
+from .masks import step_masks
 from .recipe import DiffusionConfig, LDMRecipe
 from .run import Run, Task
 from .step_random import StepRandom
@@ -82,35 +91,39 @@ def build_unet(recipe: LDMRecipe, channels: int, size: int) -> nn.Module:
                           f"a multiple of {multiple}: change data.resolution or unet.block_out_channels.")
     common = dict(sample_size=size, out_channels=channels, block_out_channels=list(u.block_out_channels),
                   layers_per_block=u.layers_per_block, norm_num_groups=u.norm_num_groups, dropout=u.dropout)
-    if recipe.conditioning == "text":
+    if recipe.conditioning in ("text", "class"):
         bad = [c for c, a in zip(u.block_out_channels, levels) if a and c % u.num_attention_heads]
         if bad:
             raise LDMKitError(f"unet.block_out_channels {bad} are not divisible by unet.num_attention_heads="
                               f"{u.num_attention_heads}.")
         return UNet2DConditionModel(
-            in_channels=channels, **common, cross_attention_dim=recipe.text.d_model,
+            in_channels=channels, **common,
+            cross_attention_dim=recipe.text.d_model if recipe.conditioning == "text" else recipe.classes.embed_dim,
             attention_head_dim=u.num_attention_heads,  # diffusers' name for the number of heads here
             down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels],
             up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)])
-    extra = 3 if recipe.conditioning == "concat" else 0
+    # Super-resolution: the RGB low-res image; inpainting: the masked image's latent and the mask.
+    extra = {"concat": 3, "inpaint": channels + 1}.get(recipe.conditioning, 0)
     return UNet2DModel(in_channels=channels + extra, **common, attention_head_dim=u.attention_head_dim,
                        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in levels],
                        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)])
 
 
 class Denoiser(nn.Module):
-    """What DDP wraps: the UNet and, for text, LDMBert (``tau_theta``), trained as one network."""
+    """What DDP wraps: the UNet and its condition encoder ``tau_theta`` (LDMBert for text, the ClassEmbedder
+    for classes), trained as one network."""
 
-    def __init__(self, unet: nn.Module, bert: LDMBertModel | None = None):
+    def __init__(self, unet: nn.Module, bert: LDMBertModel | None = None, embedder: ClassEmbedder | None = None):
         super().__init__()
         self.unet = unet
         self.bert = bert
+        self.embedder = embedder
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor | None = None,
-                concat: torch.Tensor | None = None) -> torch.Tensor:
-        if self.bert is not None:
-            context = self.bert(input_ids)[0]
-            return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+                concat: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.bert is not None or self.embedder is not None:
+            context = self.bert(input_ids)[0] if self.bert is not None else self.embedder(class_labels)
+            return self.unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
         if concat is not None:
             noisy = torch.cat([noisy, concat.to(noisy.dtype)], dim=1)
         return self.unet(noisy, timesteps).sample
@@ -138,8 +151,12 @@ class LDMTask(Task):
         r = self.recipe
         self.run = run
         folder = scan_folder(r.data.root, r.data.caption_column, r.data.caption_template,
-                             need_captions=r.conditioning == "text")
+                             need_captions=r.conditioning == "text", label_column=r.data.label_column,
+                             need_labels=r.conditioning == "class")
         self.records = folder.records
+        self.class_names = folder.class_names
+        if r.conditioning == "class":
+            class_ids(r.sampling.classes, self.class_names, r.sampling.num_images)  # a typo fails now, not later
         self.ae = load_autoencoder(r.autoencoder).to(run.device).eval().requires_grad_(False)
         if run.channels_last:
             self.ae.to(memory_format=torch.channels_last)
@@ -169,7 +186,12 @@ class LDMTask(Task):
             bert.to_logits.requires_grad_(False)  # the masked-LM head: kept for the file layout, never used
             with quiet_tokenizer():
                 self.empty_ids = self.tokenizer([""], max_length=t.max_length).input_ids
-        self.denoiser = Denoiser(build_unet(r, self.channels, self.latent_size), bert)
+        embedder = None
+        if r.conditioning == "class":
+            embedder = ClassEmbedder(n_classes=len(self.class_names) + 1, embed_dim=r.classes.embed_dim,
+                                     class_names=self.class_names)
+            logger.info("%d classes (+ the null class): %s", len(self.class_names), ", ".join(self.class_names))
+        self.denoiser = Denoiser(build_unet(r, self.channels, self.latent_size), bert, embedder)
         self.wrapped = {"denoiser": self.denoiser}
         self.noise_scheduler = DDPMScheduler(**schedule_config(r.diffusion))
         self.train_data = self._dataset()
@@ -269,8 +291,14 @@ class LDMTask(Task):
             drop = rand.rand("caption_dropout", rows) < r.text.caption_dropout
             ids[drop] = self.empty_ids
             kwargs["input_ids"] = ids.to(device)
+        elif r.conditioning == "class":
+            drop = rand.rand("class_dropout", rows) < r.classes.class_dropout
+            kwargs["class_labels"] = drop_labels(batch["label"], drop, self.denoiser.embedder.null_class).to(device)
         elif r.conditioning == "concat":
             kwargs["concat"] = self.run.images(batch["lowres"])
+        elif r.conditioning == "inpaint":
+            masks = step_masks(rand, rows, r.data.resolution, r.masks, device)
+            kwargs["concat"] = inpaint_condition(self.ae, self.run.images(batch["pixel_values"]), masks)
         prediction = self.wrapped["denoiser"](noisy, timesteps, **kwargs)
         loss = losses.diffusion_loss(prediction, target)
         return loss, {"loss": loss.detach()}
@@ -282,8 +310,13 @@ class LDMTask(Task):
         if self.recipe.conditioning == "text":
             return LDMTextToImagePipeline(vqvae=self.ae, bert=self.denoiser.bert, tokenizer=self.tokenizer,
                                           unet=unet, scheduler=scheduler)
+        if self.recipe.conditioning == "class":
+            return LDMClassConditionalPipeline(vqvae=self.ae, class_embedder=self.denoiser.embedder, unet=unet,
+                                               scheduler=scheduler)
         if self.recipe.conditioning == "concat":
             return LDMSuperResolutionPipeline(vqvae=self.ae, unet=unet, scheduler=scheduler)
+        if self.recipe.conditioning == "inpaint":
+            return LDMInpaintPipeline(vqvae=self.ae, unet=unet, scheduler=scheduler)
         return LDMPipeline(vqvae=self.ae, unet=unet, scheduler=scheduler)
 
     def samples(self, step: int):
@@ -296,14 +329,12 @@ class LDMTask(Task):
             return pipe(s.prompts, guidance_scale=s.guidance_scale, **common).images, len(s.prompts)
         if r.conditioning == "none":
             return pipe(batch_size=s.num_images, **common).images, s.num_images
-        highres = []
-        for rec in self.records:  # the first readable images (a corrupt one must not stop the run)
-            try:
-                highres.append(crop_and_flip(load_rgb(rec.path), r.data.resolution, False, False, None))
-            except Exception:  # noqa: BLE001
-                continue
-            if len(highres) == s.num_images:
-                break
+        if r.conditioning == "class":
+            ids = class_ids(s.classes, self.class_names, s.num_images)
+            return pipe(ids, guidance_scale=s.guidance_scale, **common).images, len(ids)
+        if r.conditioning == "inpaint":
+            return inpaint_grid(pipe, self.records, r, common)
+        highres = first_images(self.records, r.data.resolution, s.num_images)
         lowres = [degrade(im, r.data.sr_scale, "bicubic", None) for im in highres]
         upscaled = pipe(image=lowres, **common).images
         nearest = [im.resize(highres[0].size, PIL.Image.NEAREST) for im in lowres]

@@ -35,6 +35,7 @@ class DataConfig:
     random_flip: bool = True
     caption_column: str = "text"
     caption_template: str | None = None  # e.g. "a photo of a {label}": captions from sub-folder labels
+    label_column: str | None = None     # class labels from this metadata column (e.g. "label"); None: sub-folders
     holdout: float = 0.0                # held-out images for evaluation: a fraction (< 1) or a count
     num_workers: int = 2
     latent_cache: bool = False          # encode the dataset to latents once (LDM only)
@@ -134,6 +135,24 @@ class TextConfig:
 
 
 @dataclass
+class ClassConfig:
+    """``conditioning: class``: a ClassEmbedder (one vector per class, plus the null class) trained jointly."""
+
+    embed_dim: int = 512                # the one-token context the UNet cross-attends to
+    class_dropout: float = 0.1          # train on the null class this often, for classifier-free guidance
+
+
+@dataclass
+class MaskConfig:
+    """``conditioning: inpaint``: random masks as LaMa's thick strokes and boxes (training/masks.py)."""
+
+    box_probability: float = 0.5        # boxes for this share of the images, strokes for the rest (LaMa: 1:1)
+    max_strokes: int = 5
+    max_boxes: int = 3
+    size: float = 1.0                   # times LaMa's sizes (pixels at 256 x 256, scaled to the resolution)
+
+
+@dataclass
 class DiffusionConfig:
     # Presets are the schedules of the published LDMs (scaled_linear, 1000 steps).
     schedule: Literal["text2img-256", "superres-4x", "celebahq-256", "custom"] = "text2img-256"
@@ -147,6 +166,7 @@ class DiffusionConfig:
 @dataclass
 class SamplingConfig:
     prompts: list[str] = field(default_factory=lambda: ["a painting of a squirrel eating a burger"])
+    classes: list[str] = field(default_factory=list)  # class grids: names; empty: the first num_images classes
     num_images: int = 4                 # unconditional / super-resolution grids
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
@@ -168,12 +188,14 @@ class AutoencoderRecipe:
 class LDMRecipe:
     autoencoder: str                    # a folder written by the autoencoder run (save_pretrained)
     kind: Literal["ldm"] = "ldm"
-    conditioning: Literal["text", "concat", "none"] = "text"
+    conditioning: Literal["text", "concat", "none", "class", "inpaint"] = "text"
     output_dir: str = ""
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    classes: ClassConfig = field(default_factory=ClassConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -423,11 +445,28 @@ def _validate_ldm(recipe: LDMRecipe, where: str) -> None:
                           f"unet.norm_num_groups={unet.norm_num_groups}.")
     if not 0 <= text.caption_dropout < 1:
         raise LDMKitError(f"{where}: text.caption_dropout must be in [0, 1), got {text.caption_dropout}.")
+    if not 0 <= recipe.classes.class_dropout < 1:
+        raise LDMKitError(f"{where}: classes.class_dropout must be in [0, 1), got {recipe.classes.class_dropout}.")
+    _validate_masks(recipe, where)
     if recipe.conditioning == "text" and text.max_length < 3:
         raise LDMKitError(f"{where}: text.max_length must be at least 3 ([CLS], a token, [SEP]).")
     if recipe.diffusion.schedule == "custom" and None in (recipe.diffusion.beta_start, recipe.diffusion.beta_end,
                                                           recipe.diffusion.beta_schedule):
         raise LDMKitError(f"{where}: diffusion.schedule 'custom' needs beta_start, beta_end and beta_schedule.")
+
+
+def _validate_masks(recipe: LDMRecipe, where: str) -> None:
+    m = recipe.masks
+    if not 0 <= m.box_probability <= 1:
+        raise LDMKitError(f"{where}: masks.box_probability must be in [0, 1], got {m.box_probability}.")
+    if m.max_strokes < 1 or m.max_boxes < 1 or m.size <= 0:
+        raise LDMKitError(f"{where}: masks.max_strokes and masks.max_boxes must be at least 1 and masks.size "
+                          f"positive, got {m.max_strokes}, {m.max_boxes}, {m.size}.")
+    if recipe.conditioning == "inpaint" and recipe.data.latent_cache:
+        raise LDMKitError(f"{where}: data.latent_cache cannot serve inpainting: the masked image changes every "
+                          "step and is encoded then. Set data.latent_cache: false.")
+    if recipe.conditioning == "class" and recipe.classes.embed_dim < 1:
+        raise LDMKitError(f"{where}: classes.embed_dim must be at least 1, got {recipe.classes.embed_dim}.")
 
 
 def to_dict(recipe) -> dict:
@@ -441,7 +480,8 @@ def to_yaml(recipe) -> str:
 
 
 __all__ = [
-    "AutoencoderLossConfig", "AutoencoderModelConfig", "AutoencoderRecipe", "DataConfig", "DiffusionConfig",
-    "EMAConfig", "LDMRecipe", "Recipe", "SamplingConfig", "TextConfig", "TrainConfig", "UNetConfig",
+    "AutoencoderLossConfig", "AutoencoderModelConfig", "AutoencoderRecipe", "ClassConfig", "DataConfig",
+    "DiffusionConfig", "EMAConfig", "LDMRecipe", "MaskConfig", "Recipe", "SamplingConfig", "TextConfig",
+    "TrainConfig", "UNetConfig",
     "apply_override", "build_recipe", "from_dict", "load_recipe", "parse_value", "to_yaml",
 ]

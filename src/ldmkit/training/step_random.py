@@ -1,6 +1,6 @@
 """Random draws of one optimizer step that do not depend on how the batch is split.
 
-Every draw (timesteps, noise, caption dropout, posterior samples) is made for the whole global batch
+Every draw (timesteps, noise, caption dropout, posterior samples, inpainting masks) is made for the whole global batch
 from a generator seeded by ``(seed, step, stream)``, then each process keeps the rows of its own samples.
 One process, N processes or N micro-steps of gradient accumulation therefore train on exactly the same
 numbers, and a resumed run draws what the uninterrupted run drew, with no generator state to restore.
@@ -49,3 +49,9 @@ class StepRandom:
 
     def randint(self, stream: str, high: int, rows: torch.Tensor, device=None) -> torch.Tensor:
         return self._draw(stream, "randint", (), high)[rows].to(device)
+
+    def generator(self, stream: str, row: int) -> np.random.Generator:
+        """A numpy generator for the sample at global ``row`` (for draws of varying count, such as the strokes
+        of an inpainting mask): seeded by ``(seed, step, stream, row)``, so as layout-free as the tensors."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.step, zlib.crc32(stream.encode()),
+                                                             int(row)]))
