@@ -1,7 +1,7 @@
 """The ``ldmkit`` command line (``ldmkit = "ldmkit.cli:main"``, ``python -m ldmkit``).
 
-One parser with one sub-command module each: ``generate`` (txt2img, upscale, sample, info), ``train``,
-``convert``, ``data`` and ``serve``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line on stderr and exit
+One parser with one sub-command module each: ``generate`` (txt2img, upscale, info), ``sample``, ``inpaint``,
+``train``, ``convert``, ``data`` and ``serve``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line on stderr and exit
 status 2; an interrupt is exit status 130.
 """
 
@@ -19,6 +19,8 @@ from ..io import Terminated, terminate_as_exception
 from .convert import add_convert_parser
 from .data import add_data_parser
 from .generate import EXAMPLES, add_generate_parsers, read_png_metadata
+from .inpaint import add_inpaint_parser
+from .sample import add_sample_parser
 from .serve import add_serve_parser
 from .train import add_train_parser
 
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parsers(sub)
+    add_sample_parser(sub)
+    add_inpaint_parser(sub)
     add_train_parser(sub)
     add_convert_parser(sub)
     add_data_parser(sub)
