@@ -121,7 +121,7 @@ def test_labels_and_get_label_ids():
     with pytest.raises(LDMKitError, match="stores no class names"):
         no_names.get_label_ids("smileys")
     with pytest.raises(LDMKitError, match="3 distinct non-empty names"):
-        _class_pipe(names=["a", "a", "b"]).labels
+        _class_pipe(names=["a", "a", "b"]).get_label_ids("a")
 
 
 # ------------------------------------------------------------------------------------------------ sample
@@ -264,7 +264,7 @@ def _save(path, array):
     (["--box", "8,8,40,24"], "reaches outside the 32x32 image"),
     (["--box", "8,8,8,24"], "x0 < x1 and y0 < y1"),
     (["--box", "8,8,24"], "four integer pixel coordinates"),
-    (["--box", "-1,0,8,8"], "reaches outside"),
+    (["--box=-1,0,8,8"], "reaches outside"),
     ([], "give --mask FILE"),
     (["--box", "0,0,8,8", "--prompt", "a cat"], "is not text-conditioned"),
     (["--box", "0,0,8,8", "--model", "uncond"], "use `ldmkit sample` with it"),

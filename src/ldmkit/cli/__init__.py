@@ -1,8 +1,8 @@
 """The ``ldmkit`` command line (``ldmkit = "ldmkit.cli:main"``, ``python -m ldmkit``).
 
 One parser with one sub-command module each: ``generate`` (txt2img, upscale, info), ``sample``, ``inpaint``,
-``train``, ``convert``, ``data`` and ``serve``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line on stderr and exit
-status 2; an interrupt is exit status 130.
+``train``, ``convert``, ``data`` and ``serve``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line
+on stderr and exit status 2; an interrupt is exit status 130.
 """
 
 from __future__ import annotations

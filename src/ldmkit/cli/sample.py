@@ -16,8 +16,17 @@ from ..pipelines import LDMClassConditionalPipeline, LDMPipeline
 from ..pipelines.pipeline_latent_diffusion_class_conditional import close_class_names
 from ..pipelines.presets import apply_preset, get_preset, set_sampler
 from ..utils import make_image_grid
-from .generate import _common, free_path, generators, load_pipeline, output_folder, read_png_metadata, save_png, \
-    seeds_from, slug
+from .generate import (
+    _common,
+    free_path,
+    generators,
+    load_pipeline,
+    output_folder,
+    read_png_metadata,
+    save_png,
+    seeds_from,
+    slug,
+)
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 3.0  # the cin256 notebook's scale

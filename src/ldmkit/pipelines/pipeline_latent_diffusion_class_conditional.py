@@ -47,7 +47,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         labels = self.labels
         if not labels:
             raise LDMKitError(f"This model stores no class names (its class embedder has no class_names, as a "
-                              f"converted CompVis model); give integer class ids 0 to "
+                              f"converted CompVis model); pass class_labels as integer ids 0 to "
                               f"{self.class_embedder.config.n_classes - 2} instead.")
         folded = {name.casefold(): i for name, i in labels.items()}
         ids = []
