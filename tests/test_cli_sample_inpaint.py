@@ -140,6 +140,18 @@ def test_sample_unconditional_grid_and_replay(capsys, folders, tmp_path):
     assert forced[0] == alone[0]
 
 
+def test_fast_preset_is_recorded_and_replayed(capsys, folders, tmp_path):
+    argv = ["sample", "--model", folders["uncond"], "--seed", "2", *FAST]
+    code, fast, _ = run(capsys, *argv, "--fast", "-o", tmp_path)
+    meta = read_png_metadata(fast[0])
+    assert code == 0 and meta["preset"] == "fast" and meta["steps"] == 2 and meta["dtype"] == "fp32"
+    code, exact, _ = run(capsys, *argv, "-o", tmp_path / "exact")
+    assert read_png_metadata(exact[0])["preset"] == "exact"
+    assert not np.array_equal(pixels(fast[0]), pixels(exact[0]))  # another sampler: the preset was applied
+    code, again, _ = run(capsys, "sample", "--from-png", fast[0], "-o", tmp_path, "--quiet")
+    assert np.array_equal(pixels(fast[0]), pixels(again[0]))
+
+
 @needs_names
 def test_sample_classes_list_grid_and_replay(capsys, folders, tmp_path):
     code, out, _ = run(capsys, "sample", "--list-classes", "--model", folders["class"])
