@@ -174,10 +174,10 @@ def cmd_sample(args) -> int:
         return list_classes(args)
     check_count(args)
     out = output_folder(args.output)
+    seeds = seeds_from(argparse.Namespace(seed=args.seed, n=args.n * len(args.classes or [None])))
     pipe, kwargs = prepare(args)
     check_kind(pipe, args)
     ids = class_ids(pipe, args.classes, args.model) if args.classes else [None]
-    seeds = seeds_from(argparse.Namespace(seed=args.seed, n=args.n * len(ids)))
     if ids[0] is None:
         images = pipe(batch_size=len(seeds), generator=generators(seeds), **kwargs).images
     else:
