@@ -45,7 +45,7 @@ def test_txt2img_metadata_round_trip_and_no_overwrite(capsys, tiny_text2img_dir,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["sample"], "no --model"),
+        (["sample", "--model", "/no/such/folder"], "No folder"),
         (["txt2img", "a cat", "--model", "ldmkit:no-such-model"], "not a bundled model"),
         (["txt2img", "--model", "x"], "give a prompt"),
         (["txt2img", "a cat", "--model", "/no/such/folder"], "No folder"),

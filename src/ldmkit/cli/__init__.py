@@ -1,8 +1,8 @@
 """The ``ldmkit`` command line (``ldmkit = "ldmkit.cli:main"``, ``python -m ldmkit``).
 
-One parser with one sub-command module each: ``generate`` (txt2img, upscale, sample, info), ``train``,
-``convert``, ``data`` and ``serve``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line on stderr and exit
-status 2; an interrupt is exit status 130.
+One parser with one sub-command module each: ``generate`` (txt2img, upscale, info), ``sample``, ``inpaint``,
+``train``, ``convert``, ``data`` and ``serve``. A user mistake (:class:`~ldmkit.errors.LDMKitError`) is one line
+on stderr and exit status 2; an interrupt is exit status 130.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from .batch import add_prompt_file_options
 from .convert import add_convert_parser
 from .data import add_data_parser
 from .generate import EXAMPLES, add_generate_parsers, read_png_metadata
+from .inpaint import add_inpaint_parser
+from .sample import add_sample_parser
 from .serve import add_serve_parser
 from .train import add_train_parser
 
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parsers(sub)
     add_prompt_file_options(sub.choices["txt2img"])  # --prompts, --batch-size (batch.py)
+    add_sample_parser(sub)
+    add_inpaint_parser(sub)
     add_train_parser(sub)
     add_convert_parser(sub)
     add_data_parser(sub)

@@ -1,4 +1,5 @@
-"""``ldmkit txt2img``, ``upscale``, ``sample`` and ``info``: load a pipeline, run it, write PNGs with metadata."""
+"""``ldmkit txt2img``, ``upscale`` and ``info``: load a pipeline, run it, write PNGs with metadata (and the helpers
+``sample`` and ``inpaint`` share)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,15 @@ EXAMPLES = """examples:
   ldmkit txt2img --prompts prompts.jsonl --batch-size 8 -o data/   # many prompts; a rerun resumes
   accelerate launch --num_processes 2 -m ldmkit txt2img --prompts prompts.txt -o data/   # split over 2 GPUs
   ldmkit upscale small.png other.jpg -o big/ --model CompVis/ldm-super-resolution-4x-openimages
+  ldmkit sample --n 8 --grid                                # the bundled unconditional emoji model
+  ldmkit sample --class animal-mammal --n 8 --grid          # class-conditional; ldmkit sample --list-classes
   ldmkit sample --model CompVis/ldm-celebahq-256 --n 4 --steps 200
+  ldmkit inpaint face.png --mask mask.png -o out/           # white = repaint; the rest is kept exactly
+  ldmkit inpaint face.png --box 8,8,24,24 --n 4 --grid      # a rectangle instead of a mask file
   ldmkit info ldmkit:emoji-text2img
-bundled models (offline): ldmkit:emoji-text2img (txt2img default), ldmkit:emoji-superres-4x (upscale default)
+bundled models (offline): ldmkit:emoji-text2img (txt2img default), ldmkit:emoji-superres-4x (upscale default),
+  ldmkit:emoji-uncond (sample default), ldmkit:emoji-class (sample --class default),
+  ldmkit:emoji-inpaint (inpaint default)
 """
 
 # txt2img --from-png: the options an ldmkit PNG's metadata restores, with the types they must have.
@@ -203,21 +210,6 @@ def cmd_upscale(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    resolve_model(args.model)
-    out = output_folder(args.output)
-    seeds = seeds_from(args)
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
-    set_scheduler(pipe, args.scheduler)
-    images = pipe(batch_size=args.n, num_inference_steps=args.steps, eta=args.eta,
-                  generator=generators(seeds)).images
-    for s, image in zip(seeds, images):
-        meta = {"model": args.model, "seed": s, "steps": args.steps, "eta": args.eta, "scheduler": args.scheduler,
-                "ldmkit_version": __version__}
-        print(save_png(image, free_path(out, f"sample-{s}", args.force), meta))
-    return 0
-
-
 def cmd_info(args) -> int:
     folder, _ = resolve_pipeline_folder(resolve_model(args.model))
     pipe = DiffusionPipeline.from_pretrained(folder)
@@ -259,7 +251,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_generate_parsers(sub) -> None:
-    """Register ``txt2img``, ``upscale``, ``sample`` and ``info`` on an argparse sub-parser collection."""
+    """Register ``txt2img``, ``upscale`` and ``info`` on an argparse sub-parser collection."""
     _add_txt2img_parser(sub)
     p = sub.add_parser("upscale", help="4x super-resolution of image files")
     p.add_argument("images", nargs="+")
@@ -271,15 +263,6 @@ def add_generate_parsers(sub) -> None:
     p.add_argument("--no-tiling", dest="no_tiling", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_upscale)
-
-    p = sub.add_parser("sample", help="unconditional samples")
-    p.add_argument("--model", help="unconditional pipeline folder or Hub id")
-    p.add_argument("--n", type=int, default=1)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0)
-    _common(p)
-    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="components, parameter counts, dtypes, sizes, scheduler")
     p.add_argument("model", nargs="?", default=DEFAULT_TEXT2IMG,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch
@@ -30,10 +31,42 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
                  scheduler):
         super().__init__(vqvae=vqvae, class_embedder=class_embedder, unet=unet, scheduler=scheduler)
 
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> class id, as diffusers' ``DiTPipeline.labels``: from the ``class_names`` the class
+        embedder's config stores (ldmkit-trained models; the null class has no name). Empty for a model that
+        stores none, such as one converted from a CompVis checkpoint: it takes integer ids only."""
+        return {name: i for i, name in enumerate(_class_names(self.class_embedder) or [])}
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """The class ids of one class name or a list of them, as ``DiTPipeline.get_label_ids``. A name that
+        matches no class exactly may match one ignoring case; otherwise the error lists the closest names."""
+        names = [label] if isinstance(label, str) else label
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise LDMKitError(f"get_label_ids takes a class name or a list of them, got {label!r}.")
+        labels = self.labels
+        if not labels:
+            raise LDMKitError(f"This model stores no class names (its class embedder has no class_names, as a "
+                              f"converted CompVis model); pass class_labels as integer ids 0 to "
+                              f"{self.class_embedder.config.n_classes - 2} instead.")
+        folded = {name.casefold(): i for name, i in labels.items()}
+        ids = []
+        for name in names:
+            found = labels.get(name, folded.get(name.casefold()))
+            if found is None:
+                raise LDMKitError(f"{name!r} is not one of this model's {len(labels)} classes; "
+                                  f"{close_class_names(name, list(labels))} pipe.labels lists them all.")
+            ids.append(found)
+        return ids
+
     def _labels(self, class_labels) -> torch.Tensor:
-        bad = LDMKitError(f"class_labels must be an int, a non-empty list of ints or a 1-D integer tensor, got "
-                          f"{class_labels!r}.")
-        if isinstance(class_labels, bool | str):
+        bad = LDMKitError(f"class_labels must be an int, a class name, a non-empty list of them or a 1-D integer "
+                          f"tensor, got {class_labels!r}.")
+        if isinstance(class_labels, str):
+            class_labels = self.get_label_ids(class_labels)
+        elif isinstance(class_labels, list | tuple) and any(isinstance(x, str) for x in class_labels):
+            class_labels = [self.get_label_ids(x)[0] if isinstance(x, str) else x for x in class_labels]
+        if isinstance(class_labels, bool):
             raise bad
         try:
             labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels)
@@ -50,7 +83,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | list[int] | torch.Tensor,
+        class_labels: int | str | list[int | str] | torch.Tensor,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
@@ -63,7 +96,7 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
         max_batch_size: int | None = None,
         **kwargs,
     ):
-        """One image per entry of ``class_labels``.
+        """One image per entry of ``class_labels``: class ids, or class names (see ``labels``).
 
         ``guidance_scale`` s gives ``e = e_u + s (e_c - e_u)``: 1 (the default) is plain conditional
         sampling, the cin256 notebook uses 3.0; ``guidance_interval=(lo, hi)`` guides only
@@ -105,3 +138,28 @@ class LDMClassConditionalPipeline(DiffusionPipeline, compvis_family="class-condi
             return self.sample(x_t, guidance.wrap(model, self.scheduler), chunk, output_type)
 
         return self.run_chunks(total, max_batch_size, sampling, run, output_type, return_dict)
+
+
+def _class_names(embedder) -> list[str] | None:
+    """The embedder's ``class_names`` config (one name per class in id order, the null class left out), checked,
+    or None when it stores none."""
+    config = getattr(embedder, "config", None) or {}
+    names = config.get("class_names")
+    if names is None:
+        return None
+    count = config["n_classes"] - 1
+    if (not isinstance(names, list | tuple) or len(names) != count or len(set(names)) != count
+            or not all(isinstance(n, str) and n for n in names)):
+        raise LDMKitError(f"The class embedder's class_names must be {count} distinct non-empty names (one per "
+                          f"class, in id order, the null class left out), got {names!r:.200}; fix or remove "
+                          "class_names in class_embedder/config.json.")
+    return list(names)
+
+
+def close_class_names(name: str, names: list[str]) -> str:
+    """'did you mean ...?' with up to three names closest to ``name`` (difflib, ignoring case), or a hint."""
+    folded = {n.casefold(): n for n in names}
+    close = [folded[c] for c in difflib.get_close_matches(name.casefold(), list(folded), n=3, cutoff=0.5)]
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "no class name is close to it."
