@@ -20,8 +20,9 @@ def run(capsys, *argv):
 
 
 def test_txt2img_metadata_round_trip_and_no_overwrite(capsys, tiny_text2img_dir, tmp_path):
+    # --exact: the batch-vs-alone bound below is float32's (the --fast replay: tests/test_cli_presets.py)
     base = ["txt2img", "a red square", "--model", tiny_text2img_dir, "--steps", "2", "--seed", "3", "--quiet",
-            "--eta", "0.5", "-o", tmp_path]
+            "--eta", "0.5", "--exact", "-o", tmp_path]
     code, out, _ = run(capsys, *base, "--n", "2", "--grid")
     assert code == 0 and len(out) == 3  # two images and the grid
     first = out[0]

@@ -3,7 +3,8 @@ no function imports an ldmkit module, so the import graph is the one the top of 
 
 The order, lowest first (a module may import its own layer and those below):
 
-1. ``low``: errors, io, configuration, randomness, the registry, and ``loading`` (Hub, weight files,
+1. ``low``: errors, io, configuration, randomness, the registry, hardware (what ``dtype="auto"`` picks), and
+   ``loading`` (Hub, weight files,
    bundled names, the diffusers layout on disk, CompVis YAML / checkpoints / key tables read as data);
 2. ``networks``: models, schedulers, the tokenizer (they read their own files through ``loading``);
 3. ``pipelines``;
@@ -22,7 +23,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 LAYERS = [
     ("low", ["ldmkit.errors", "ldmkit.io", "ldmkit.configuration", "ldmkit.randomness", "ldmkit.registry",
-             "ldmkit.outputs", "ldmkit.utils", "ldmkit.loading", "ldmkit.startup"]),
+             "ldmkit.outputs", "ldmkit.utils", "ldmkit.loading", "ldmkit.startup", "ldmkit.hardware"]),
     ("networks", ["ldmkit.models", "ldmkit.schedulers", "ldmkit.tokenizer"]),
     ("pipelines", ["ldmkit.pipelines"]),
     ("assembly", ["ldmkit.assembly", "ldmkit"]),

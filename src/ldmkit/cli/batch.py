@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..errors import LDMKitError
 from ..io import atomic_write_text
+from ..pipelines.presets import apply_preset
 from .generate import (
     MAX_SEED,
     cmd_txt2img,
@@ -33,9 +34,9 @@ from .generate import (
     load_pipeline,
     output_folder,
     save_png,
-    set_scheduler,
     slug,
 )
+from .preset_options import run_preset, upscale_preset
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +242,10 @@ def check_options(args) -> None:
 def cmd_prompts(args) -> int:
     """Make every image of the prompt file that ``-o`` lacks, chunk by chunk, then write the manifest."""
     check_options(args)
+    # The preset with --steps / --scheduler / --dtype on top, resolved once: every image records it, and a
+    # rerun compares it with what the files hold.
+    args.run_preset = run_preset(args, default_steps=50)
+    args.steps, args.scheduler = args.run_preset.num_inference_steps, args.run_preset.sampler
     items = read_prompt_file(args.prompts, args.n, args.seed, args.negative_prompt)
     out = output_folder(args.output)
     size = args.batch_size or DEFAULT_BATCH_SIZE
@@ -271,17 +276,20 @@ def make_images(args, mine: list[tuple[list[Item], set[int]]], out: Path, total:
         device = state.device.type  # the launcher's choice (``--cpu``, one GPU a process), not the first GPU
         if state.device.type == "cuda":
             torch.cuda.set_device(state.device)
-    pipe = load_pipeline(args.model, device, args.dtype, args.quiet)
-    set_scheduler(pipe, args.scheduler)
-    sr = load_pipeline(args.upscale_model, device, args.dtype, args.quiet) if args.upscale else None
+    preset = args.run_preset
+    pipe = load_pipeline(args.model, device, preset.dtype, args.quiet)
+    call = apply_preset(pipe, preset)
+    sr_preset = upscale_preset(args, preset) if args.upscale else None
+    sr = load_pipeline(args.upscale_model, device, sr_preset.dtype, args.quiet) if args.upscale else None
+    sr_call = apply_preset(sr, sr_preset) if args.upscale else {}
     written = 0
     for chunk, missing in mine:
         seeds = [item.seed for item in chunk]
         images = pipe([item.prompt for item in chunk], negative_prompt=[item.negative_prompt or "" for item in chunk],
-                      num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
-                      height=args.height, width=args.width, generator=generators(seeds)).images
+                      guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width,
+                      generator=generators(seeds), **call).images
         if sr is not None:
-            images = sr(images, num_inference_steps=args.upscale_steps, generator=generators(seeds)).images
+            images = sr(images, generator=generators(seeds), **sr_call).images
         for item, image in zip(chunk, images):
             if item.index in missing:
                 path = out / file_name(item, total)

@@ -20,12 +20,14 @@ from ..io import atomic_path, parse_json_object
 from ..loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
 from ..loading.diffusers_layout import resolve_pipeline_folder
 from ..pipelines import DiffusionPipeline
-from ..pipelines.presets import SAMPLERS as SCHEDULERS
-from ..pipelines.presets import pick_device, pick_dtype, set_sampler
+from ..pipelines.presets import apply_preset, pick_device, set_sampler
+from ..pipelines.presets import load_pipeline as load_preset_pipeline
 from ..utils import make_image_grid
+from .preset_options import PRESET_KEYS, add_preset_options, preset_metadata, restore_preset, run_preset, upscale_preset
 
 EXAMPLES = """examples:
-  ldmkit txt2img "red apple"                                # the bundled emoji model, offline
+  ldmkit txt2img "red apple"                                # the bundled emoji model, offline, --fast preset
+  ldmkit txt2img "red apple" --exact --seed 7               # fp32 + the model's scheduler (the reference)
   ldmkit txt2img "grinning face" --n 4 --seed 7 --grid --upscale -o out/   # 128x128 through the bundled 4x model
   ldmkit txt2img "a red apple" --model ./my-pipeline --steps 20 --scheduler dpm++2m-karras
   ldmkit txt2img --from-png out/a-red-apple-7.png          # regenerate an image from its metadata
@@ -47,19 +49,18 @@ bundled models (offline): ldmkit:emoji-text2img (txt2img default), ldmkit:emoji-
 FROM_PNG_KEYS = {"model": (str,), "prompt": (str,), "negative_prompt": (str, type(None)), "seed": (int,),
                  "steps": (int,), "guidance": (int, float), "eta": (int, float), "scheduler": (str, type(None)),
                  "height": (int, type(None)), "width": (int, type(None)), "upscale": (bool,),
-                 "upscale_model": (str,), "upscale_steps": (int,)}
+                 "upscale_model": (str,), "upscale_steps": (int,), **PRESET_KEYS}
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def load_pipeline(model: str | None, device: str, dtype: str, quiet: bool = False) -> DiffusionPipeline:
-    """The pipeline on the chosen device and dtype; ``quiet`` turns off its progress bar (this pipeline's
-    only: the CLI sets no global)."""
-    dev = pick_device(device)
-    pipe = DiffusionPipeline.from_pretrained(resolve_model(model))
+def load_pipeline(model: str | None, device: str, dtype: str | dict, quiet: bool = False) -> DiffusionPipeline:
+    """The pipeline loaded onto the chosen device in ``dtype`` (a --dtype name, "auto" decided per network, or
+    one per component); ``quiet`` turns off its progress bar (this pipeline's only: the CLI sets no global)."""
+    pipe = load_preset_pipeline(resolve_model(model), pick_device(device), dtype)
     if quiet:
         pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dev, pick_dtype(dtype, dev))
+    return pipe
 
 
 def resolve_model(model: str | None) -> str:
@@ -117,6 +118,7 @@ def restore_from_png(args) -> None:
             raise LDMKitError(f"{args.from_png}: metadata {key}={value!r} should be "
                               f"{' or '.join(t.__name__ for t in types)}; fix or drop it.")
         setattr(args, key, value)
+    restore_preset(args, meta)
     args.n = 1
 
 
@@ -151,7 +153,7 @@ def image_metadata(args, prompt: str, negative_prompt: str | None, seed: int) ->
     meta = {"model": args.model, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
             "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "scheduler": args.scheduler,
             "height": args.height, "width": args.width, "upscale": bool(args.upscale),
-            "ldmkit_version": __version__}
+            "preset": getattr(args, "preset", None), "ldmkit_version": __version__}
     if args.upscale:
         meta.update(upscale_model=args.upscale_model, upscale_steps=args.upscale_steps)
     return meta
@@ -165,18 +167,23 @@ def cmd_txt2img(args) -> int:
         raise LDMKitError("give a prompt, e.g. ldmkit txt2img \"a red apple\" (or --from-png FILE).")
     out = output_folder(args.output)
     seeds = seeds_from(args)
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
-    set_scheduler(pipe, args.scheduler)
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width,
-                  num_images_per_prompt=args.n, generator=generators(seeds))
+    preset = run_preset(args, default_steps=50)
+    pipe = load_pipeline(args.model, args.device, preset.dtype, args.quiet)
+    result = pipe(args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance, eta=args.eta,
+                  height=args.height, width=args.width, num_images_per_prompt=args.n, generator=generators(seeds),
+                  **apply_preset(pipe, preset))
     images = result.images
+    ran = preset_metadata(pipe, preset)  # steps, scheduler, dtype and the fast-path settings as run
     if args.upscale:
-        sr = load_pipeline(args.upscale_model, args.device, args.dtype, args.quiet)
-        images = sr(images, num_inference_steps=args.upscale_steps, generator=generators(seeds)).images
+        sr_preset = upscale_preset(args, preset)
+        sr = load_pipeline(args.upscale_model, args.device, sr_preset.dtype, args.quiet)
+        images = sr(images, generator=generators(seeds), **apply_preset(sr, sr_preset)).images
+        sr_ran = preset_metadata(sr, sr_preset)
+        ran.update(upscale_model=args.upscale_model, upscale_steps=sr_ran["steps"], upscale_dtype=sr_ran["dtype"],
+                   upscale_scheduler=sr_ran["scheduler"])
     paths = []
     for s, image in zip(seeds, images):
-        meta = image_metadata(args, args.prompt, args.negative_prompt, s)
+        meta = {**image_metadata(args, args.prompt, args.negative_prompt, s), **ran}
         paths.append(save_png(image, free_path(out, f"{slug(args.prompt)}-{s}", args.force), meta))
     if args.grid and len(images) > 1:
         paths.append(save_png(make_image_grid(images), free_path(out, f"{slug(args.prompt)}-grid", args.force),
@@ -191,8 +198,9 @@ def cmd_upscale(args) -> int:
     out = output_folder(args.output)
     if not 0 <= args.seed <= MAX_SEED:
         raise LDMKitError(f"--seed {args.seed} is out of range: seeds go from 0 to {MAX_SEED}.")
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.quiet)
-    set_scheduler(pipe, args.scheduler)
+    preset = run_preset(args, default_steps=100)
+    pipe = load_pipeline(args.model, args.device, preset.dtype, args.quiet)
+    call = apply_preset(pipe, preset)
     for name in args.images:
         try:
             with Image.open(name) as im:
@@ -201,11 +209,10 @@ def cmd_upscale(args) -> int:
             raise LDMKitError(f"{name} does not exist.") from None
         except (UnidentifiedImageError, OSError) as e:
             raise LDMKitError(f"{name} is not a readable image ({e}).") from None
-        big = pipe(image, num_inference_steps=args.steps, eta=args.eta,
-                   generator=torch.Generator().manual_seed(args.seed), tiling=None if not args.no_tiling else False,
-                   ).images[0]
-        meta = {"model": args.model, "source": str(name), "seed": args.seed, "steps": args.steps, "eta": args.eta,
-                "scheduler": args.scheduler, "ldmkit_version": __version__}
+        big = pipe(image, eta=args.eta, generator=torch.Generator().manual_seed(args.seed),
+                   tiling=None if not args.no_tiling else False, **call).images[0]
+        meta = {"model": args.model, "source": str(name), "seed": args.seed, "eta": args.eta,
+                "ldmkit_version": __version__, **preset_metadata(pipe, preset)}
         print(save_png(big, free_path(out, f"{Path(name).stem}-x{pipe.upscale_factor}", args.force), meta))
     return 0
 
@@ -243,10 +250,9 @@ def stored_weights(folder: Path) -> tuple[str, int]:
 # ------------------------------------------------------------------------------------------- parsers
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_preset_options(p)  # --fast / --exact, --dtype, --scheduler
     p.add_argument("-o", "--output", default="outputs", help="output folder (default: outputs)")
     p.add_argument("--force", action="store_true", help="overwrite existing files instead of picking new names")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -257,7 +263,7 @@ def add_generate_parsers(sub) -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=DEFAULT_SUPERRES,
                    help=f"super-resolution pipeline folder, Hub id or bundled name (default: {DEFAULT_SUPERRES})")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; --exact: 100)")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tiling", dest="no_tiling", action="store_true")
@@ -278,7 +284,7 @@ def _add_txt2img_parser(sub) -> None:
                    help=f"pipeline folder, Hub id or bundled name (default: {DEFAULT_TEXT2IMG})")
     p.add_argument("--n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; --exact: 50)")
     p.add_argument("--guidance", type=float, default=3.0,
                    help="classifier-free guidance scale (default 3.0: best retrieval for the bundled model)")
     p.add_argument("--eta", type=float, default=0.0)
@@ -288,7 +294,8 @@ def _add_txt2img_parser(sub) -> None:
     p.add_argument("--upscale", action="store_true", help="then upscale 4x with --upscale-model")
     p.add_argument("--upscale-model", dest="upscale_model", default=DEFAULT_SUPERRES,
                    help=f"super-resolution pipeline for --upscale (default: {DEFAULT_SUPERRES})")
-    p.add_argument("--upscale-steps", dest="upscale_steps", type=int, default=50)
+    p.add_argument("--upscale-steps", dest="upscale_steps", type=int,
+                   help="steps of the --upscale pass (default: the preset's; --exact: 50)")
     p.add_argument("--grid", action="store_true", help="also save a grid of all images")
     p.add_argument("--from-png", dest="from_png", help="regenerate from the metadata of an ldmkit PNG")
     _common(p)

@@ -48,12 +48,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM, 1: DDPM-like)")
     p.add_argument("--grid", action="store_true", help="also save a grid of all images")
     p.add_argument("--from-png", dest="from_png", help="make an image again from the metadata of one made here")
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--fast", dest="preset", action="store_const", const="fast", default="exact",
-                        help="the fast preset: auto dtype, DPM-Solver++ 2M Karras, fewer steps, the feature cache")
-    preset.add_argument("--exact", dest="preset", action="store_const", const="exact",
-                        help="the exact preset (the default): fp32 and the model's own scheduler")
-    _common(p)
+    _common(p)  # with --fast (the default) / --exact, --dtype and --scheduler
 
 
 def check_count(args) -> None:
@@ -64,7 +59,7 @@ def check_count(args) -> None:
 def prepare(args) -> tuple:
     """``(pipe, call keywords)``: the pipeline on its device in the preset's dtype (unless --dtype says),
     with the preset and --scheduler applied, and ``args.steps`` / ``args.dtype`` resolved for the metadata."""
-    dtype = args.dtype if args.dtype != "auto" else get_preset(args.preset).dtype
+    dtype = args.dtype or get_preset(args.preset).dtype
     pipe = load_pipeline(args.model, args.device, dtype, args.quiet)
     kwargs = apply_preset(pipe, args.preset)
     set_sampler(pipe, args.scheduler)  # an explicit --scheduler wins over the preset's

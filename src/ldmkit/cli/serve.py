@@ -32,7 +32,7 @@ def cmd_serve(args) -> int:
     logging.getLogger("ldmkit.serve").setLevel(logging.INFO)
     config = ServeConfig(models=args.model or [DEFAULT_TEXT2IMG, DEFAULT_SUPERRES], host=args.host, port=args.port,
                          api_key=api_key_from_env(args.api_key), preset="exact" if args.exact else "fast",
-                         device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                         device=args.device, dtype=args.dtype,
                          output=Path(args.output), queue_depth=args.queue_depth, max_batch=args.max_batch,
                          max_n=args.max_n, max_pixels=args.max_pixels, max_steps=args.max_steps,
                          max_body_bytes=args.max_body_bytes, max_upload_pixels=args.max_upload_pixels,
@@ -52,7 +52,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--exact", action="store_true", help="the exact preset (fp32, the model's scheduler) instead of "
                    "the fast one")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype (default: the preset's: auto for fast, fp32 for --exact)")
     p.add_argument("-o", "--output", default=str(d.output), help=f"folder for the PNGs (default {d.output})")
     for option, help_text in (("queue-depth", "jobs queued or running at once; more get 429"),
                               ("max-batch", "images per dynamic batch"), ("max-n", "images per request"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..configuration import ConfigMixin, FrozenDict
 from ..errors import LDMKitError
+from ..hardware import auto_dtype, overflows_fp16
 from ..loading.hub import resolve_folder
 from ..loading.hub_upload import push_saved, upload_after_save
 from ..loading.options import parse_load_kwargs
@@ -23,12 +25,17 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def parse_dtype(dtype) -> torch.dtype | None:
+def parse_dtype(dtype, device: torch.device | str | None = None, config=None) -> torch.dtype | None:
+    """A dtype or its name; ``"auto"`` is what this machine runs fast on ``device`` (None: the CPU) for a
+    model with ``config`` (``ldmkit.hardware.auto_dtype``; a config with ``force_upcast`` overflows float16)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device, fp16_overflows=overflows_fp16(config))
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise LDMKitError(f"Unknown dtype {dtype!r}; use torch.float32, torch.float16 or torch.bfloat16.")
+    raise LDMKitError(f"Unknown dtype {dtype!r}; use torch.float32, torch.float16, torch.bfloat16 "
+                       "or 'auto'.")
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -160,9 +167,17 @@ class ModelMixin(nn.Module, ConfigMixin):
         saved_class = config.get("_class_name")
         if saved_class is not None and saved_class != cls.__name__ and saved_class not in cls._compatible_classes():
             raise LDMKitError(f"{folder} holds a {saved_class}, not a {cls.__name__}. Load it with {saved_class}.")
+        # "auto": for the device the weights go to; force_upcast counts at the class default when not saved
+        torch_dtype = parse_dtype(torch_dtype, device, cls._with_defaults(config, "force_upcast"))
         state = load_state_dict(find_weights(folder, cls.weights_stems, variant, use_safetensors), mmap=mmap)
         model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
         return model if device is None else model.to(device)
+
+    @classmethod
+    def _with_defaults(cls, config: dict, *keys: str) -> dict:
+        """``config`` plus the ``__init__`` defaults of ``keys`` it does not hold (as the built model's config)."""
+        params = inspect.signature(cls.__init__).parameters
+        return {**{k: params[k].default for k in keys if k in params}, **config}
 
     @classmethod
     def _compatible_classes(cls) -> tuple[str, ...]:
@@ -171,7 +186,8 @@ class ModelMixin(nn.Module, ConfigMixin):
     @classmethod
     def from_state_dict(cls, config: dict, state: dict[str, torch.Tensor], torch_dtype=None, source="weights"):
         """Build the network from a config and load ``state`` strictly (no random init is wasted)."""
-        torch_dtype = parse_dtype(torch_dtype)
+        # "auto" here: for the CPU, where the network is built
+        torch_dtype = parse_dtype(torch_dtype, config=cls._with_defaults(config, "force_upcast"))
         with torch.device("meta"):
             model = cls.from_config(config)
         model.load_weights(state, source=source)

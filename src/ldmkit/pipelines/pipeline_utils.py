@@ -135,17 +135,21 @@ class DiffusionPipeline(MemoryMixin):
         return torch.float32
 
     def to(self, device=None, dtype=None):
-        """Move every network to ``device`` and/or cast it to ``dtype`` (positional order as diffusers)."""
-        if isinstance(device, torch.dtype):
+        """Move every network to ``device`` and/or cast it to ``dtype`` (positional order as diffusers; a lone
+        dtype may come first, ``pipe.to(torch.float16)`` or ``pipe.to("auto")``). ``dtype="auto"`` picks, per
+        network, what the target device runs fast (``ldmkit.hardware.auto_dtype``)."""
+        if isinstance(device, torch.dtype) or (isinstance(device, str) and device == "auto" and dtype is None):
             device, dtype = None, device
         if device is not None:
             device = torch.device(device)
             check_device_available(device, "device")
-        dtype = parse_dtype(dtype)
+        auto = isinstance(dtype, str) and dtype == "auto"
+        dtype = None if auto else parse_dtype(dtype)
         if dtype is not None and not dtype.is_floating_point:
             raise LDMKitError(f"dtype {dtype} is not a floating type; use torch.float32, float16 or bfloat16.")
         for module in self._modules():
-            module.to(device=device, dtype=dtype)
+            target = parse_dtype("auto", device or module.device, getattr(module, "config", None)) if auto else dtype
+            module.to(device=device, dtype=target)
         return self
 
     def set_progress_bar_config(self, **kwargs) -> None:

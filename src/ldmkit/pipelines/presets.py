@@ -14,6 +14,8 @@ import torch
 
 from .. import schedulers
 from ..errors import LDMKitError
+from ..hardware import auto_dtype
+from .pipeline_utils import DiffusionPipeline
 
 # sampler names (CLI --scheduler, server "scheduler") -> (class name, config overrides)
 SAMPLERS = {
@@ -45,7 +47,7 @@ class Preset:
     """What a preset sets. ``None`` means "leave it as the model / the command has it"."""
 
     name: str
-    dtype: str                       # "auto" (see pick_dtype) or "fp32"
+    dtype: str | dict                # "auto" (ldmkit.hardware.auto_dtype), "fp32", ...; per component a dict
     sampler: str | None              # a SAMPLERS name, or None for the model's own scheduler
     num_inference_steps: int | None  # None: the command's own default
     cache_interval: int = 1          # feature cache (DeepCache): 1 = off, N = one full UNet step in N
@@ -79,10 +81,11 @@ def set_sampler(pipe, name: str | None) -> None:
     pipe.scheduler = getattr(schedulers, class_name).from_config(pipe.scheduler.config, **overrides)
 
 
-def apply_preset(pipe, name: str) -> dict:
-    """Configure ``pipe`` in place for the preset and return the ``__call__`` keyword defaults it implies
-    (the caller's own explicit arguments should override them)."""
-    preset = get_preset(name)
+def apply_preset(pipe, name: str | Preset) -> dict:
+    """Configure ``pipe`` in place for the preset (a name, or a :class:`Preset` with the command's overrides
+    applied) and return the ``__call__`` keyword defaults it implies (the caller's own explicit arguments
+    should override them). The dtype is the loader's business: :func:`load_pipeline`."""
+    preset = get_preset(name) if isinstance(name, str) else name
     set_sampler(pipe, preset.sampler)
     if getattr(pipe, "unet", None) is not None:
         if preset.cache_interval > 1:
@@ -111,7 +114,28 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # fp32 on the CPU (exact); half precision where the hardware is made for it
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    """The dtype a name means on ``device``: "auto" is what the hardware runs fast (ldmkit.hardware)."""
+    if name == "auto":
+        return auto_dtype(device)
+    if name not in DTYPE_NAMES:
+        raise LDMKitError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPE_NAMES)}.")
+    return DTYPE_NAMES[name]
+
+
+def load_pipeline(name_or_path, device: torch.device, dtype: str | dict) -> DiffusionPipeline:
+    """Load straight onto ``device`` in ``dtype`` (a name as the CLI's --dtype, or one per component): "auto"
+    is decided per network, so an autoencoder that overflows float16 on a GPU gets bfloat16 or float32."""
+    return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, device_map=device)
+
+
+def dtype_names(pipe) -> str | dict:
+    """The dtypes ``pipe``'s networks run in, as names: one when they agree, else one per component (what
+    ``load_pipeline`` takes back, to replay a run)."""
+    short = {v: k for k, v in DTYPE_NAMES.items()}
+    names = {name: short.get(c.dtype, str(c.dtype).replace("torch.", "")) for name, c in pipe.components.items()
+             if isinstance(c, torch.nn.Module)}
+    return names.popitem()[1] if len(set(names.values())) == 1 else names

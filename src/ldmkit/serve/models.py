@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .. import schedulers
 from ..errors import LDMKitError
 from ..pipelines import DiffusionPipeline
-from ..pipelines.presets import SAMPLERS, apply_preset, get_preset, pick_device, pick_dtype
+from ..pipelines.presets import SAMPLERS, apply_preset, get_preset, load_pipeline, pick_device
 from .config import ServeConfig
 
 log = logging.getLogger("ldmkit.serve")
@@ -53,15 +53,13 @@ class LoadedModel:
 
 def load_model(name: str, config: ServeConfig) -> LoadedModel:
     """Load ``name`` (folder, Hub id or bundled ldmkit:NAME) on the configured device and dtype."""
-    device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype or get_preset(config.preset).dtype, device)
-    pipe = DiffusionPipeline.from_pretrained(name)
+    # Loaded straight into the dtype ("auto": per network, ldmkit.hardware), as the CLI's --fast / --exact.
+    pipe = load_pipeline(name, pick_device(config.device), config.dtype or get_preset(config.preset).dtype)
     kind = KINDS.get(type(pipe).__name__)
     if kind is None:
         raise LDMKitError(f"--model {name} is a {type(pipe).__name__}; the server runs text-to-image, "
                           "super-resolution and inpainting pipelines. Give one of those.")
     pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device, dtype)
     model_scheduler = pipe.scheduler
     defaults = apply_preset(pipe, config.preset)
     return LoadedModel(name, pipe, kind, defaults, model_scheduler)
