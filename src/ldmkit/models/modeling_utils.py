@@ -15,7 +15,7 @@ from ..errors import LDMKitError
 from ..loading.hub import resolve_folder
 from ..loading.hub_upload import push_saved, upload_after_save
 from ..loading.options import parse_load_kwargs
-from ..loading.weights import find_weights, load_state_dict, save_weights
+from ..loading.weights import LazyTensor, find_weights, open_state_dict, save_weights
 from ..registry import COMPONENTS
 from .checkpointing import checkpoint_call
 
@@ -29,6 +29,25 @@ def parse_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise LDMKitError(f"Unknown dtype {dtype!r}; use torch.float32, torch.float16 or torch.bfloat16.")
+
+
+def _target(value: torch.Tensor | LazyTensor, dtype: torch.dtype | None, device) -> tuple[torch.dtype, torch.device]:
+    """Where ``value`` goes: ``dtype`` if it is floating (else its own), ``device`` (None: where it is)."""
+    own_device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+    return (dtype if dtype is not None and value.dtype.is_floating_point else value.dtype,
+            torch.device(device) if device is not None else own_device)
+
+
+def _cast(value: torch.Tensor | LazyTensor, dtype: torch.dtype | None, device, converting: bool) -> torch.Tensor:
+    """``value`` read, in its target dtype and on its device (:func:`_target`). ``converting``: some tensors of
+    the load are converted, so a file tensor that already fits is copied too (a view would keep its group's
+    whole mapping resident, the converted tensors' source pages included)."""
+    lazy = isinstance(value, LazyTensor)
+    tensor = value.load(regroup=converting) if lazy else value
+    dtype, device = _target(tensor, dtype, device)
+    if tensor.dtype == dtype and tensor.device == device:
+        return tensor.clone() if converting and lazy else tensor
+    return tensor.to(device=device, dtype=dtype)  # the one copy, read straight from the file's pages
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -160,8 +179,8 @@ class ModelMixin(nn.Module, ConfigMixin):
         saved_class = config.get("_class_name")
         if saved_class is not None and saved_class != cls.__name__ and saved_class not in cls._compatible_classes():
             raise LDMKitError(f"{folder} holds a {saved_class}, not a {cls.__name__}. Load it with {saved_class}.")
-        state = load_state_dict(find_weights(folder, cls.weights_stems, variant, use_safetensors), mmap=mmap)
-        model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
+        state = open_state_dict(find_weights(folder, cls.weights_stems, variant, use_safetensors), mmap=mmap)
+        model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder), device=device)
         return model if device is None else model.to(device)
 
     @classmethod
@@ -169,18 +188,27 @@ class ModelMixin(nn.Module, ConfigMixin):
         return ()
 
     @classmethod
-    def from_state_dict(cls, config: dict, state: dict[str, torch.Tensor], torch_dtype=None, source="weights"):
-        """Build the network from a config and load ``state`` strictly (no random init is wasted)."""
+    def from_state_dict(cls, config: dict, state: dict[str, torch.Tensor | LazyTensor], torch_dtype=None,
+                        source="weights", device: torch.device | str | None = None):
+        """Build the network on the meta device from a config and load ``state`` strictly, each tensor read,
+        cast and placed on ``device`` in turn (no random init is wasted, no whole copy in the saved dtype)."""
         torch_dtype = parse_dtype(torch_dtype)
         with torch.device("meta"):
             model = cls.from_config(config)
-        model.load_weights(state, source=source)
         # As diffusers: float32 unless a dtype is asked for, whatever dtype the file was saved in.
-        model.to(torch_dtype or torch.float32)
+        model.load_weights(state, source=source, dtype=torch_dtype or torch.float32, device=device)
+        model.to(torch_dtype or torch.float32)  # a no-op for what load_weights filled: it is in the dtype already
         return model.eval()
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-        """Strict load: any missing or unexpected key is an error naming it."""
+    def load_weights(self, state: dict[str, torch.Tensor | LazyTensor], source: str = "weights",
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Strict load: any missing or unexpected key is an error naming it.
+
+        Tensors are taken one at a time (``LazyTensor`` handles are read then), floating ones cast to ``dtype``
+        and all moved to ``device`` (None: each as it is), and the source dropped before the next: the peak
+        memory is the loaded weights plus a twentieth of them (``SafetensorsReader``), not the file beside
+        them. A tensor already in the dtype and on the device is kept as it is: a float32 load of float32
+        safetensors keeps the memory-mapped file's pages, copying nothing."""
         ignored = [re.compile(p) for p in self._ignored_checkpoint_keys]
         state = {k: v for k, v in state.items() if not any(p.fullmatch(k) for p in ignored)}
         own = self.state_dict(keep_vars=True)
@@ -197,7 +225,12 @@ class ModelMixin(nn.Module, ConfigMixin):
                 raise LDMKitError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config expects "
                                   f"{tuple(param.shape)}. The weights and config.json do not match.")
         # Keep the checkpoint's floating dtype unless asked otherwise; integer buffers keep theirs.
-        self.load_state_dict(state, strict=True, assign=True)
+        lazy = [v for v in state.values() if isinstance(v, LazyTensor)]
+        converting = any(_target(v, dtype, device) != (v.dtype, torch.device("cpu")) for v in lazy)
+        tensors = {key: _cast(state.pop(key), dtype, device, converting) for key in own}
+        self.load_state_dict(tensors, strict=True, assign=True)
+        for reader in {v.reader for v in lazy}:
+            reader.close()
         for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
             if tensor.is_meta:
                 raise LDMKitError(f"{type(self).__name__}.{name} was not initialised by {source}.")
