@@ -30,6 +30,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
+from common import announce, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -229,11 +230,11 @@ def main(argv=None) -> int:
     p.add_argument("--diffusers", type=int, default=8, help="inputs to rerun through diffusers (0: none)")
     p.add_argument("--out", default=str(RESULTS / "emoji-superres.json"))
     args = parser.parse_args(argv)
+    busy = announce()
     torch.manual_seed(0)
     result = bench_text2img(args) if args.task == "text2img" else bench_superres(args)
     result["torch_threads"] = torch.get_num_threads()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(Path(args.out), result, busy, timing_keys=("seconds",))
     print(json.dumps({k: v for k, v in result.items() if k != "per_caption"}, indent=2))
     return 0
 
