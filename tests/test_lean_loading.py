@@ -92,3 +92,34 @@ def test_fp32_load_maps_the_file_and_copies_nothing(folders):
     assert big["anon"] <= 0.05 * big["weights"] + max(fixed["anon"], 0), big
     assert big["peak"] <= 1.1 * big["weights"] + fixed["peak"], (big, fixed)
     assert all(torch.equal(result["state"][k], t) for k, t in saved.items())
+
+
+@pytest.mark.parametrize("saved, loaded", [("float16", "float32"), ("float16", "bfloat16"), ("float32", "float16")])
+def test_every_dtype_pair_loads_as_the_whole_model_cast(saved, loaded, tmp_path):
+    """Tensor by tensor, sharded or not, equals the old way: the whole saved model cast with ``.to``."""
+    torch.manual_seed(1)
+    model = UNet2DConditionModel(**TINY).to(getattr(torch, saved))
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "shards", max_shard_size="200KB")
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 3
+    expected = model.to(getattr(torch, loaded)).state_dict()
+    for folder in ("one", "shards"):
+        state = UNet2DConditionModel.from_pretrained(tmp_path / folder, torch_dtype=getattr(torch, loaded)).state_dict()
+        assert state.keys() == expected.keys()
+        assert all(state[k].dtype == expected[k].dtype and torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_a_missing_tensor_is_still_named(folders, tmp_path):
+    """Reading lazily changes nothing in the strict check: a file without a key fails before any is read."""
+    from safetensors.torch import save_file
+
+    from ldmkit.errors import LDMKitError
+
+    state = load_file(str(folders / "tiny" / "diffusion_pytorch_model.safetensors"))
+    state.pop("conv_in.weight")
+    state["extra.weight"] = torch.zeros(1)
+    (tmp_path / "bad").mkdir()
+    save_file(state, str(tmp_path / "bad" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "bad" / "config.json").write_text((folders / "tiny" / "config.json").read_text())
+    with pytest.raises(LDMKitError, match=r"missing 1 keys \(e.g. conv_in.weight\).*unexpected 1 keys \(e.g. extra"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "bad", torch_dtype=torch.bfloat16)
