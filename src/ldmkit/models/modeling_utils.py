@@ -155,7 +155,8 @@ class ModelMixin(nn.Module, ConfigMixin):
         ``torch_dtype``; float32 by default, whatever the file holds), ``variant`` (``"fp16"`` reads
         ``diffusion_pytorch_model.fp16.safetensors``), ``use_safetensors``, ``device_map`` (a device, or
         "auto": the accelerator if there is one), ``low_cpu_mem_usage`` (loading never initialises weights
-        it then overwrites, and a checkpoint that lacks keys is an error either way), ``disable_mmap``,
+        it then overwrites, reads safetensors tensor by tensor straight into the dtype and onto the device,
+        and a checkpoint that lacks keys is an error either way), ``disable_mmap``,
         ``output_loading_info`` (then ``(model, info)``; the lists are empty, since loading is strict) and the
         Hub's ``force_download``, ``token``, ``proxies``.
         """
