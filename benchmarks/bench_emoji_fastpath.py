@@ -14,7 +14,6 @@ Writes benchmarks/results/emoji-fastpath.json and docs/emoji-fastpath.png (speed
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 from bench_emoji_quality import DOCS, RESULTS, ROOT, load, read_split, to_tensor
+from common import announce, write_result
 
 SOLVERS = ("dpm++2m-karras", "unipc", "ddim", "deis")
 
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer solvers (a smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "emoji-fastpath.json"))
     args = parser.parse_args(argv)
+    busy = announce()
     torch.set_num_threads(1)
     data = Path(args.data)
     train, test = read_split(data / "train"), read_split(data / "test")
@@ -126,8 +127,7 @@ def main(argv=None) -> int:
     out = {"model": args.model, "captions": args.n, "guidance_scale": 3.0, "reference": "DDIM 250 fp32",
            "torch_threads": 1, "load": "shared machine (other helpers' jobs on 2 cores): times are rough",
            "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(Path(args.out), out, busy, timing_keys=("seconds",))
     plot(results, DOCS / "emoji-fastpath.png")
     return 0
 

@@ -33,6 +33,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
+from common import announce, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -265,14 +266,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "emoji-superres.json"))
     emoji_tasks.add_parsers(sub, ROOT)
     args = parser.parse_args(argv)
+    busy = announce()
     torch.manual_seed(0)
     if args.task == "text2img" and args.out is None:
         args.out = str(RESULTS / ("emoji-text2img-heldout.json" if args.split == "test" else "emoji-text2img.json"))
     tasks = {"text2img": bench_text2img, "superres": bench_superres, **emoji_tasks.TASKS}
     result = tasks[args.task](args)
     result["torch_threads"] = torch.get_num_threads()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(Path(args.out), result, busy, timing_keys=("seconds",))
     print(json.dumps({k: v for k, v in result.items() if k != "per_caption"}, indent=2))
     return 0
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import announce, write_result
 
 from ldmkit import AutoencoderKL, LDMBertModel, UNet2DConditionModel, UNet2DModel, VQModel
 
@@ -176,6 +177,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.checkpointing, args.device)))
         return
+    busy = announce()
     results = [compare(name, args) for name in CASES
                if not args.only or any(name.startswith(o) for o in args.only)]
     report = {"machine": platform.processor() or platform.machine(), "device": args.device,
@@ -186,9 +188,7 @@ def main() -> None:
               "note": "on a CPU shared with other jobs the step times are noisy (a quiet run of the text UNet "
                       "measured 0.45 -> 0.62 s a step); the memory is the same from run to run",
               "results": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"-> {RESULTS}")
+    write_result(RESULTS, report, busy)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import cpu_busy_fraction, run_worker, write_result
+from common import announce, run_worker, write_result
 
 FIXTURES = Path(os.environ.get("LDMKIT_COMPVIS_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "reference" / "compvis"))
@@ -102,8 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.repeats)
-    busy = cpu_busy_fraction()
-    print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}, CPU busy before the run {busy:.0%}")
+    busy = announce()
     samples = {"before": {}, "after": {}}
     for _ in range(args.rounds):
         for side, src in (("before", args.before), ("after", args.after)):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import cpu_busy_fraction, write_result
+from common import announce, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serve_utils import running_server  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    busy = cpu_busy_fraction()
+    busy = announce()
     runs = {1: [], 4: []}
     for _ in range(args.repeats):
         for max_batch in runs:

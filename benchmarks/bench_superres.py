@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, PeakRSS, interleaved
+from common import RESULTS, PeakRSS, announce, interleaved, write_result
 
 
 def build_reference():
@@ -159,10 +159,11 @@ def diffusers_large(args):
     write("superres-diffusers-large.json", outcome)
 
 
+BUSY = [0.0]  # the CPU's busy share when main started (announce)
+
+
 def write(name, results):
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
-    print("wrote", RESULTS / name)
+    write_result(RESULTS / name, results, BUSY[0])
 
 
 def main():
@@ -172,6 +173,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900)
     args = parser.parse_args()
+    BUSY[0] = announce()
     {"compare": compare, "large": large, "diffusers-large": diffusers_large}[args.mode](args)
 
 

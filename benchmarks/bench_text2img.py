@@ -1,147 +1,286 @@
 """Full-size ldm-text2im-large-256 (random weights): ldmkit against diffusers, each from the same saved folder.
 
-Run by hand on a quiet machine (fp32 and bf16: about 15 minutes on 2 cores, ~8 GB RAM, ~6 GB of disk):
-    python benchmarks/bench_text2img.py [--dtype fp32 bf16] [--steps 2] [--repeats 3] [--rounds 2]
+Run by hand on a quiet machine (benchmarks/quiet_run.sh runs it with the issue 12 settings):
+    python benchmarks/bench_text2img.py [--modes fp32 bf16 fast] [--steps 2] [--repeats 3] [--rounds 2]
+                                        [--headline-rounds 1] [--no-headline] [--tiny]
 The folder (published shapes, random weights, the published DDIM config) is built once with diffusers'
 classes and saved with its save_pretrained (``--folder``, default /tmp/ldmkit-bench/ldm-text2im-large-256).
-Each measurement runs in a fresh one-thread process that loads the folder with its library's own
-``from_pretrained(folder, torch_dtype=...)`` under ``torch.inference_mode()``; the processes alternate
-between the libraries, ``--rounds`` times, and the medians are compared. Measured: load seconds and peak RSS,
-seconds per UNet step (batch 2, as with guidance), LDMBert (batch 2), the KL decode 32 -> 256, a pipeline
-call (``--steps`` DDIM steps, guidance 6, eta 0.3, same x_T and step noise; diffusers' output as
-``output_type="pt"`` then ``.float()``, which also works in bf16) with its peak RSS, and the largest pixel
-difference between the two libraries. Results: benchmarks/results/text2img-<dtype>.json (ratios are
-diffusers / ldmkit: > 1 means ldmkit is faster), written only when no other process used the CPU.
+Every measurement runs in a fresh one-thread process that loads the folder with its library's own
+``from_pretrained`` under ``torch.inference_mode()``; the processes alternate between the libraries,
+``--rounds`` times, and the medians are compared.
+
+Modes: ``fp32`` (exact; both libraries), ``bf16`` (``torch_dtype=torch.bfloat16``; both libraries, diffusers'
+output as ``output_type="pt"`` then ``.float()``) and ``fast`` (ldmkit only: the dtype of the fast preset,
+then ``ldmkit.pipelines.presets.apply_preset(pipe, "fast")``: its sampler, feature cache and guidance
+interval). Per mode: load seconds and peak RSS, seconds per UNet step (batch 2, as with guidance), LDMBert
+(batch 2), the KL decode (32 -> 256), and a pipeline call (``--steps`` steps, guidance 6; DDIM with eta 0.3
+and the same x_T and step noise in fp32 / bf16, where the largest pixel difference between the libraries is
+reported too). Ratios are diffusers fp32 / ldmkit in that mode (> 1: ldmkit is faster), and for bf16 also
+diffusers bf16 / ldmkit bf16.
+
+Headline: the whole process (interpreter start, imports, load, one image; each in a fresh process) with the
+fast preset at its own step count, against diffusers' seed call (fp32, 50 DDIM steps, guidance 6, eta 0.3),
+``--headline-rounds`` times each, alternating, with each process's peak RSS.
+
+Results: benchmarks/results/text2img-modes.json and text2img-headline.json, written only when no other
+process used the CPU (the load average and the busy share are printed first). ``--tiny`` runs the same code
+on a small layout in a few seconds and writes nothing (a smoke test of the script).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import PeakRSS, cpu_busy_fraction, run_worker, timed, write_result
+from common import PeakRSS, announce, peak_rss_of_process, run_worker, timed, worker_env, write_result
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
              "set_alpha_to_one": False, "steps_offset": 1}
 PROMPT = ["w1 w2 w3 w4"]
+VOCAB = 30522
+LIBS = {"fp32": ("diffusers", "ldmkit"), "bf16": ("diffusers", "ldmkit"), "fast": ("ldmkit",)}
+SEED_CALL = {"num_inference_steps": 50, "guidance_scale": 6.0, "eta": 0.3}  # the seed's snippet
+# Published shapes (published-checkpoints.md); "tiny" keeps the structure at a few MB for --tiny.
+LAYOUTS = {
+    "full": {"unet": {"block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 1280, "sample_size": 32},
+             "vae": {"block_out_channels": (128, 256, 512, 512)},
+             "bert": {"encoder_layers": 32, "d_model": 1280, "encoder_attention_heads": 8, "head_dim": 64,
+                      "encoder_ffn_dim": 5120}},
+    "tiny": {"unet": {"block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32, "norm_num_groups": 8,
+                      "sample_size": 8},
+             "vae": {"block_out_channels": (16, 16, 32, 32), "norm_num_groups": 8},
+             "bert": {"encoder_layers": 2, "d_model": 32, "encoder_attention_heads": 2, "head_dim": 16,
+                      "encoder_ffn_dim": 64}},
+}
 
 
-def build_folder(folder: Path) -> Path:
-    """The published shapes (published-checkpoints.md) with random weights, saved by diffusers."""
+def build_folder(folder: Path, layout: str) -> Path:
+    """The layout's shapes with random weights, saved by diffusers."""
     if (folder / "model_index.json").is_file():
         return folder
     import diffusers
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
     from transformers import BertTokenizer
 
+    shapes = LAYOUTS[layout]
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1280,
-        attention_head_dim=8, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+        in_channels=4, out_channels=4, layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8, flip_sin_to_cos=True,
+        freq_shift=0, **shapes["unet"])
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    bert = LDMBertModel(LDMBertConfig(vocab_size=30522, max_position_embeddings=77, encoder_layers=32,
-                                      d_model=1280, encoder_attention_heads=8, head_dim=64, encoder_ffn_dim=5120))
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **shapes["vae"])
+    bert = LDMBertModel(LDMBertConfig(vocab_size=VOCAB, max_position_embeddings=77, **shapes["bert"]))
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(tmp) / "vocab.txt"
         vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-                                   + [f"w{i}" for i in range(30517)]) + "\n")
+                                   + [f"w{i}" for i in range(VOCAB - 5)]) + "\n")
         pipe = diffusers.LDMTextToImagePipeline(vqvae=vae, bert=bert, unet=unet, tokenizer=BertTokenizer(str(vocab)),
                                                 scheduler=diffusers.DDIMScheduler(**SCHEDULER))
         pipe.save_pretrained(folder)
     return folder
 
 
-def worker(lib_name: str, dtype_name: str, folder: str, steps: int, repeats: int, image_out: str) -> dict:
+def load(lib_name: str, mode: str, folder: str):
+    """(pipeline, the __call__ keywords of the mode): loaded by the library's own from_pretrained."""
     import importlib
 
+    lib = importlib.import_module(lib_name)
+    if mode != "fast":
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[mode]
+        pipe = lib.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, {"eta": 0.3}
+    from ldmkit.pipelines.presets import apply_preset, get_preset, pick_dtype
+
+    dtype = pick_dtype(get_preset("fast").dtype, torch.device("cpu"))
+    pipe = lib.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, apply_preset(pipe, "fast")
+
+
+def worker(lib_name: str, mode: str, folder: str, steps: int, repeats: int, image_out: str) -> dict:
     torch.set_num_threads(1)
-    lib, dtype = importlib.import_module(lib_name), DTYPES[dtype_name]
     with PeakRSS() as load_mem:
         start = time.perf_counter()
-        pipe = lib.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+        pipe, call_kw = load(lib_name, mode, folder)
         load_s = time.perf_counter() - start
-    pipe.set_progress_bar_config(disable=True)
+    dtype, size = pipe.unet.dtype, pipe.unet.config.sample_size  # latents 32 x 32 in the full layout
     result = {"load_s": load_s, "load_peak_rss_gib": load_mem.peak / 2**30}
-    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
-    ids = torch.randint(0, 30522, (2, 77), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ids = torch.randint(0, VOCAB, (2, 77), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ctx = pipe.bert(ids)[0]
         for name, fn in (("unet_step_batch2_s", lambda: pipe.unet(x, 500, encoder_hidden_states=ctx).sample),
                          ("ldmbert_batch2_s", lambda: pipe.bert(ids)[0]),
-                         ("kl_decode_32_to_256_s", lambda: pipe.vqvae.decode(x[:1]).sample)):
+                         ("kl_decode_s", lambda: pipe.vqvae.decode(x[:1]).sample)):
             fn()  # warm-up
             result[name] = timed(fn, repeats)[0]
         with PeakRSS() as call_mem:
-            result["pipeline_call_s"], images = timed(lambda: _call(pipe, lib_name, steps, dtype), 1)
+            result["pipeline_call_s"], images = timed(lambda: call(pipe, lib_name, dtype, steps, call_kw), 1)
     result["pipeline_peak_rss_gib"] = call_mem.peak / 2**30
+    result["dtype"] = str(dtype).removeprefix("torch.")
     torch.save(images.float(), image_out)
     return result
 
 
-def _call(pipe, lib_name: str, steps: int, dtype) -> torch.Tensor:
-    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
-    kw = {"num_inference_steps": steps, "eta": 0.3, "guidance_scale": 6.0, "output_type": "pt"}
+def call(pipe, lib_name: str, dtype, steps: int, call_kw: dict) -> torch.Tensor:
+    """One call, ``steps`` steps, guidance 6, the same x_T (and step noise) in both libraries, as a tensor."""
+    import functools
+
+    size = pipe.unet.config.sample_size
+    latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    kw = {**call_kw, "num_inference_steps": steps, "guidance_scale": 6.0, "output_type": "pt"}
     if lib_name == "ldmkit":
         return pipe(PROMPT, latents=latents, generator=torch.Generator().manual_seed(1), **kw).images
     # diffusers' LDM pipeline never hands the generator to scheduler.step (known-gaps.md): do it for it.
     step = pipe.scheduler.step
     pipe.scheduler.step = functools.partial(step, generator=torch.Generator().manual_seed(1))
     try:
-        return pipe(PROMPT, latents=latents, **kw).images
+        return pipe(PROMPT, latents=latents, **kw).images  # output_type="pt": no numpy of a bf16 tensor
     finally:
         pipe.scheduler.step = step
 
 
-def compare(dtype_name: str, folder: Path, args) -> dict:
-    samples: dict[str, dict[str, list[float]]] = {"diffusers": {}, "ldmkit": {}}
+def compare(folder: Path, args) -> dict:
+    """Every mode's medians over the rounds, and the ratios."""
+    specs = [(lib, mode) for mode in args.modes for lib in LIBS[mode]]
+    samples: dict[tuple[str, str], dict[str, list]] = {spec: {} for spec in specs}
     with tempfile.TemporaryDirectory() as tmp:
-        images = {lib: str(Path(tmp) / f"{lib}.pt") for lib in samples}
+        images = {spec: str(Path(tmp) / f"{spec[0]}-{spec[1]}.pt") for spec in specs}
         for _ in range(args.rounds):
-            for lib in samples:
-                out = run_worker(__file__, [lib, dtype_name, str(folder), str(args.steps), str(args.repeats),
-                                            images[lib]])
+            for lib, mode in specs:
+                out = run_worker(__file__, [lib, mode, str(folder), str(args.steps), str(args.repeats),
+                                            images[lib, mode]])
                 for key, value in out.items():
-                    samples[lib].setdefault(key, []).append(value)
-        diff = (torch.load(images["diffusers"]) - torch.load(images["ldmkit"])).abs().max().item()
-    medians = {lib: {k: statistics.median(v) for k, v in values.items()} for lib, values in samples.items()}
-    ratios = {k: medians["diffusers"][k] / medians["ldmkit"][k] for k in medians["ldmkit"] if k.endswith("_s")}
-    for key in medians["ldmkit"]:
-        print(f"{dtype_name} {key:26s} diffusers {medians['diffusers'][key]:8.3f}  ldmkit {medians['ldmkit'][key]:8.3f}"
-              + (f"  diffusers/ldmkit {ratios[key]:5.2f}x" if key in ratios else ""))
-    print(f"{dtype_name} pixels max abs diff {diff:.2e}")
-    return {"dtype": dtype_name, "steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, "threads": 1,
-            "medians": medians, "diffusers_over_ldmkit": ratios, "pixels_max_abs_diff": diff}
+                    samples[lib, mode].setdefault(key, []).append(value)
+        diffs = {mode: (torch.load(images["diffusers", mode]) - torch.load(images["ldmkit", mode])).abs().max().item()
+                 for mode in args.modes if len(LIBS[mode]) == 2}
+    medians = {f"{lib} {mode}": {k: statistics.median(v) if k != "dtype" else v[0] for k, v in values.items()}
+               for (lib, mode), values in samples.items()}
+    ratios = {}
+    for mode in args.modes:
+        ratios[f"diffusers fp32 / ldmkit {mode}"] = _ratios(medians.get("diffusers fp32"), medians[f"ldmkit {mode}"])
+        if mode == "bf16":
+            ratios["diffusers bf16 / ldmkit bf16"] = _ratios(medians["diffusers bf16"], medians["ldmkit bf16"])
+    _print_table(medians, ratios, diffs)
+    return {"steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, "threads": 1, "medians": medians,
+            "ratios": ratios, "pixels_max_abs_diff": diffs}
+
+
+def _ratios(base: dict | None, ours: dict) -> dict:
+    return {k: base[k] / ours[k] for k in ours if k.endswith("_s")} if base else {}
+
+
+def _print_table(medians: dict, ratios: dict, diffs: dict) -> None:
+    for name, values in medians.items():
+        print(f"{name:16s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in values.items()))
+    for name, values in ratios.items():
+        print(f"{name:32s} " + "  ".join(f"{k.removesuffix('_s')} {v:.2f}x" for k, v in values.items()))
+    for mode, diff in diffs.items():
+        print(f"{mode} pixels max abs diff diffusers vs ldmkit {diff:.2e}")
+
+
+HEADLINE = {
+    "ldmkit": """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from ldmkit import DiffusionPipeline
+from ldmkit.pipelines.presets import apply_preset, get_preset, pick_dtype
+start = time.perf_counter()
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=pick_dtype(get_preset("fast").dtype,
+                                                                             torch.device("cpu")))
+kw = apply_preset(pipe, "fast")
+pipe.set_progress_bar_config(disable=True)
+loaded = time.perf_counter()
+image = pipe(["w1 w2 w3 w4"], guidance_scale=6.0, generator=torch.Generator().manual_seed(0), **kw).images[0]
+""",
+    "diffusers": """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from diffusers import DiffusionPipeline
+start = time.perf_counter()
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+pipe.set_progress_bar_config(disable=True)
+loaded = time.perf_counter()
+kw = dict(num_inference_steps=50, guidance_scale=6.0, eta=0.3)
+image = pipe(["w1 w2 w3 w4"], generator=torch.Generator().manual_seed(0), **kw).images[0]
+""",
+}
+HEADLINE_END = """
+import json
+print(json.dumps({"load_s": loaded - start, "call_s": time.perf_counter() - loaded, "dtype": str(pipe.unet.dtype),
+                  "steps": kw["num_inference_steps"], "image_size": list(image.size)}))
+"""
+
+
+def headline(folder: Path, rounds: int) -> dict:
+    """Whole-process seconds (measured from outside) and peak RSS to one image: ldmkit --fast vs the seed."""
+    runs: dict[str, list[dict]] = {"diffusers": [], "ldmkit": []}
+    for _ in range(rounds):
+        for lib in runs:
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", HEADLINE[lib] + HEADLINE_END, str(folder)],
+                                    env=worker_env(), stdout=subprocess.PIPE, text=True)
+            out, peak = peak_rss_of_process(proc)
+            wall = time.perf_counter() - start
+            if proc.returncode:
+                raise SystemExit(f"the {lib} headline process failed ({proc.returncode})")
+            report = json.loads(out.strip().splitlines()[-1])
+            runs[lib].append({**report, "process_s": wall, "peak_rss_gib": peak / 2**30})
+    med = {lib: {k: statistics.median(r[k] for r in rs) for k in ("process_s", "load_s", "call_s", "peak_rss_gib")}
+           | {"dtype": rs[0]["dtype"], "steps": rs[0]["steps"]} for lib, rs in runs.items()}
+    result = {"rounds": rounds, "threads": 1, "medians": med, "runs": runs,
+              "speedup_whole_process": med["diffusers"]["process_s"] / med["ldmkit"]["process_s"],
+              "peak_rss_ldmkit_over_diffusers": med["ldmkit"]["peak_rss_gib"] / med["diffusers"]["peak_rss_gib"]}
+    for lib, m in med.items():
+        print(f"headline {lib:9s} {m['dtype']} {m['steps']} steps: process {m['process_s']:.2f} s "
+              f"(load {m['load_s']:.2f}, call {m['call_s']:.2f}), peak RSS {m['peak_rss_gib']:.2f} GiB")
+    print(f"headline: diffusers' seed call / ldmkit --fast, whole process: {result['speedup_whole_process']:.2f}x; "
+          f"peak RSS ldmkit / diffusers {result['peak_rss_ldmkit_over_diffusers']:.2f}")
+    return result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", choices=sorted(LIBS), default=["fp32", "bf16", "fast"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/ldmkit-bench/ldm-text2im-large-256"))
-    parser.add_argument("--worker", nargs=6, metavar=("LIB", "DTYPE", "FOLDER", "STEPS", "REPEATS", "IMAGE_OUT"))
+    parser.add_argument("--headline-rounds", type=int, default=1)
+    parser.add_argument("--no-headline", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a small layout, nothing written (a smoke test)")
+    parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--worker", nargs=6, metavar=("LIB", "MODE", "FOLDER", "STEPS", "REPEATS", "IMAGE_OUT"))
     args = parser.parse_args()
     if args.worker:
-        lib, dtype, folder, steps, repeats, image_out = args.worker
-        print(json.dumps(worker(lib, dtype, folder, int(steps), int(repeats), image_out)))
+        lib, mode, folder, steps, repeats, image_out = args.worker
+        print(json.dumps(worker(lib, mode, folder, int(steps), int(repeats), image_out)))
         return
-    folder = build_folder(args.folder)
-    for dtype_name in args.dtype:
-        busy = cpu_busy_fraction()
-        print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}, CPU busy {busy:.0%}")
-        write_result(f"text2img-{dtype_name}", compare(dtype_name, folder, args), busy)
+    layout = "tiny" if args.tiny else "full"
+    folder = build_folder(args.folder or Path(f"/tmp/ldmkit-bench/ldm-text2im-{'tiny' if args.tiny else 'large-256'}"),
+                          layout)
+    busy = announce()
+    modes = compare(folder, args)
+    top = None if args.no_headline else headline(folder, args.headline_rounds)
+    if args.tiny:
+        print("--tiny: a smoke run, no results written")
+        return
+    write_result("text2img-modes", {"layout": "ldm-text2im-large-256 (random weights)", **modes}, busy)
+    if top is not None:
+        write_result("text2img-headline", {"layout": "ldm-text2im-large-256 (random weights)", **top}, busy)
 
 
 if __name__ == "__main__":

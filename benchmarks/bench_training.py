@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import announce, write_result
 
 from ldmkit import AutoencoderKL, VQModel
 from ldmkit.datasets.toy import make_toy_dataset
@@ -129,6 +130,7 @@ def main() -> None:
                         help="runs per case, interleaved across precisions; the best is kept (the CPU is shared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    busy = announce()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -162,8 +164,7 @@ def main() -> None:
         measured = {(r["case"], r["label"], r["threads"]) for r in results}
         keep = [r for r in previous["results"] if (r["case"], r.get("label"), r.get("threads")) not in measured]
         report["results"] = keep + results
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_result(RESULTS, report, busy)
 
 
 def _cpu_name() -> str:

@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ def machine() -> dict:
 
 
 class PeakRSS:
-    """Samples this process's resident set size in a thread; ``peak`` is the maximum above the start."""
+    """``peak``: the maximum of this process's resident set size above its size at the start of the block.
+    Exact on Linux (the kernel's VmHWM, reset by clear_refs at the start); elsewhere sampled by a thread."""
 
     def __init__(self, interval=0.01):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
@@ -51,12 +53,26 @@ class PeakRSS:
     @staticmethod
     def rss() -> int:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def high_water() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return None
 
     def __enter__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
+            self.exact = True
+        except OSError:
+            self.exact = False
         self.base = self.rss()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        if not self.exact:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
         return self
 
     def _run(self):
@@ -65,9 +81,29 @@ class PeakRSS:
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
+        if self.exact:
+            self.peak = max(0, self.high_water() - self.base)
+            return
         self._stop.set()
         self.thread.join()
         self.peak = max(self.peak, self.rss() - self.base)
+
+
+def peak_rss_of_process(proc: subprocess.Popen) -> tuple[str, int]:
+    """(its stdout, its peak resident set in bytes) of a child started with ``stdout=PIPE``, once it exits
+    (``proc.returncode`` is set)."""
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return out, usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
+def _drop_times(tree, keys: tuple[str, ...]):
+    if isinstance(tree, dict):
+        return {k: None if k in keys else _drop_times(v, keys) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_drop_times(v, keys) for v in tree]
+    return tree
 
 
 def timed(fn, repeats: int):
@@ -96,24 +132,50 @@ def interleaved(fn_a, fn_b, repeats: int):
     return statistics.median(ta), out_a, statistics.median(tb), out_b
 
 
+def worker_env(env: dict | None = None) -> dict:
+    """The environment of a worker process: one thread, offline."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
+
+
 def run_worker(script: str, args: list[str], env: dict | None = None) -> dict:
     """Run ``script --worker ARGS`` in a fresh one-thread process; its last stdout line is JSON."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
-    out = subprocess.run([sys.executable, script, "--worker", *args], env=env, check=True, capture_output=True,
+    out = subprocess.run([sys.executable, script, "--worker", *args], env=worker_env(env), capture_output=True,
                          text=True)
+    if out.returncode:
+        raise SystemExit(f"worker {script} {' '.join(args)} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_result(name: str, result: dict, busy_before: float) -> bool:
-    """Write results/NAME.json (atomically) unless another process used the CPU before or now."""
+def announce() -> float:
+    """Print the load average and the share of the CPU that other processes use now; return that share (pass
+    it to :func:`write_result`, which checks again at the end)."""
+    busy = cpu_busy_fraction()
+    print(f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}, CPU busy {busy:.0%} "
+          f"({os.cpu_count()} cores; results are written only below {BUSY_LIMIT:.0%})", flush=True)
+    return busy
+
+
+def write_result(name: str | os.PathLike, result: dict, busy_before: float, timing_keys: tuple[str, ...] = ()) -> bool:
+    """Write results/NAME.json (or the path NAME, atomically) unless another process used the CPU before or
+    now. Refused, the result goes to a ``.busy.json`` file in the temporary folder instead, so that a long
+    run is not lost; it is not a result (its times measure the other processes too).
+
+    ``timing_keys``: a quality benchmark whose times are a side note names them; a busy run is then written
+    with those keys (at any depth) set to None, since the quality does not depend on the load."""
     from ldmkit.io import atomic_write_text
 
+    path = Path(name) if str(name).endswith(".json") else RESULTS / f"{name}.json"
     busy = max(busy_before, cpu_busy_fraction())
     result = {**result, "machine": machine(), "cpu_busy_share": round(busy, 3)}
+    if busy > BUSY_LIMIT and timing_keys:
+        result = {**_drop_times(result, timing_keys), "times": f"dropped: the CPU was {busy:.0%} busy"}
+        busy = 0.0
     if busy > BUSY_LIMIT:
-        print(f"Another process was using the CPU ({busy:.0%} busy): {name}.json not written.")
+        aside = Path(tempfile.gettempdir()) / f"{path.stem}.busy.json"
+        atomic_write_text(aside, json.dumps(result, indent=2) + "\n")
+        print(f"Another process was using the CPU ({busy:.0%} busy): {path.name} not written (kept in {aside}).")
         return False
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / f"{name}.json", json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS / (name + '.json')}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
     return True

@@ -3,7 +3,12 @@ every storage that an operator creates counts from its creation until it is free
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,3 +45,42 @@ class PeakMemory(TorchDispatchMode):
     def _free(self, key: int, size: int) -> None:
         self._tracked.discard(key)
         self.live -= size
+
+
+# ----------------------------------------------------------------------------------------- resident set size
+# What PeakMemory cannot see: memory-mapped file pages and allocations made outside torch's operators (a
+# safetensors mapping, malloc arenas). Linux only: /proc/self/status and clear_refs.
+STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+
+
+def rss_status() -> dict[str, int]:
+    """This process's resident set now (VmRSS), its peak since the last :func:`reset_peak_rss` (VmHWM), and
+    the anonymous / file-backed parts of VmRSS, in bytes."""
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(STATUS_FIELDS)}
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current resident set (writing 5 to clear_refs, Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def can_measure_rss() -> bool:
+    try:
+        reset_peak_rss()
+        return rss_status()["VmHWM"] > 0
+    except (OSError, KeyError):
+        return False
+
+
+def run_probe(code: str, *args: str, timeout: float = 120) -> dict:
+    """Run ``code`` (a script whose last stdout line is JSON) in a fresh one-thread Python process, with
+    ldmkit's src and tests/ on the path, so the peak RSS it measures is its own; ``args`` are its sys.argv[1:]."""
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here.parent / "src"), str(here), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

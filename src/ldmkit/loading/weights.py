@@ -39,6 +39,72 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
     return _load_pickle(path)
 
 
+def open_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor | LazyTensor]:
+    """A state dict whose safetensors entries are :class:`LazyTensor` handles, read one by one when loaded
+    (``load_weights`` casts each to the target dtype and device before reading the next), so that a file is
+    never held whole in its saved dtype beside the converted weights. Pickles, and safetensors with
+    ``mmap=False``, are read whole, as :func:`load_state_dict` does."""
+    path = Path(path)
+    if not mmap or not path.is_file() or not (path.suffix in SAFE_SUFFIXES or path.name.endswith(".json")):
+        return load_state_dict(path, mmap)
+    if path.name.endswith(".json"):
+        return _load_sharded(path, mmap, lazy=True)
+    check_not_text(path)
+    reader = SafetensorsReader(path)
+    return {key: LazyTensor(reader, key, shape, dtype) for key, (shape, dtype) in reader.meta.items()}
+
+
+class LazyTensor:
+    """One tensor of a safetensors file, not read yet: its ``shape`` and ``dtype``, and :meth:`load`."""
+
+    __slots__ = ("reader", "key", "shape", "dtype")
+
+    def __init__(self, reader: SafetensorsReader, key: str, shape: torch.Size, dtype: torch.dtype):
+        self.reader, self.key, self.shape, self.dtype = reader, key, shape, dtype
+
+    def load(self, regroup: bool = True) -> torch.Tensor:
+        """The tensor, a view of the memory-mapped file (no copy: pages are read as they are touched);
+        ``regroup`` as :meth:`SafetensorsReader.read`."""
+        return self.reader.read(self.key, regroup)
+
+
+class SafetensorsReader:
+    """Reads a .safetensors file tensor by tensor through safetensors' ``safe_open``.
+
+    ``safe_open`` maps the whole file, and every page a tensor touched stays resident while the mapping lives.
+    So the file is reopened (a new mapping; the old one unmapped once no view of it is left) after each
+    ``1/GROUPS`` of its bytes: converting to another dtype then holds at most that much of the file at once
+    (or its largest tensor) beside the converted weights. Views kept as they are (same dtype) keep their
+    group's mapping, exactly as one ``load_file`` mapping would: a load that keeps them all (float32 from
+    float32) reads without ``regroup``, in one mapping, since each mapping costs some pages of its own."""
+
+    GROUPS = 40  # fp32 -> bf16: each group is 1/20 of the bf16 weights, the overshoot of the peak RSS
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path, self._open, self._handle, self._read = path, safe_open, None, 0
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                views = {key: f.get_tensor(key) for key in f.keys()}  # views: no data page is read
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LDMKitError(f"{path} is corrupt or truncated ({e}). Re-download or re-save it.") from None
+        self.meta = {key: (t.shape, t.dtype) for key, t in views.items()}
+        self.group_bytes = sum(t.nbytes for t in views.values()) // self.GROUPS
+
+    def read(self, key: str, regroup: bool = True) -> torch.Tensor:
+        if self._handle is None or (regroup and self._read >= self.group_bytes):
+            self.close()
+            self._handle = self._open(str(self.path), framework="pt")
+        tensor = self._handle.get_tensor(key)
+        self._read += tensor.nbytes
+        return tensor
+
+    def close(self) -> None:
+        """Drop the current mapping (views still in use keep it alive until they go)."""
+        self._handle, self._read = None, 0
+
+
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -88,7 +154,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _load_sharded(index_path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+def _load_sharded(index_path: Path, mmap: bool = True, lazy: bool = False) -> dict[str, torch.Tensor]:
     try:
         index = json.loads(index_path.read_text())
         shards = sorted(set(index["weight_map"].values()))
@@ -96,7 +162,7 @@ def _load_sharded(index_path: Path, mmap: bool = True) -> dict[str, torch.Tensor
         raise LDMKitError(f"{index_path} is not a valid shard index ({e}).") from None
     state = {}
     for shard in shards:
-        state.update(load_state_dict(index_path.parent / shard, mmap))
+        state.update((open_state_dict if lazy else load_state_dict)(index_path.parent / shard, mmap))
     return state
 
 

@@ -65,8 +65,8 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         self.use_slicing = False
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-        super().load_weights(rename_legacy_attention_keys(state), source=source)
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights", **cast) -> None:
+        super().load_weights(rename_legacy_attention_keys(state), source=source, **cast)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Images ``(B, in_channels, H, W)`` in [-1, 1] -> posterior over ``(B, latent, H/f, W/f)``."""

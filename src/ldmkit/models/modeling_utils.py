@@ -17,7 +17,7 @@ from ..hardware import auto_dtype, overflows_fp16
 from ..loading.hub import resolve_folder
 from ..loading.hub_upload import push_saved, upload_after_save
 from ..loading.options import parse_load_kwargs
-from ..loading.weights import find_weights, load_state_dict, save_weights
+from ..loading.weights import LazyTensor, find_weights, open_state_dict, save_weights
 from ..registry import COMPONENTS
 from .checkpointing import checkpoint_call
 
@@ -36,6 +36,25 @@ def parse_dtype(dtype, device: torch.device | str | None = None, config=None) ->
         return DTYPES[dtype]
     raise LDMKitError(f"Unknown dtype {dtype!r}; use torch.float32, torch.float16, torch.bfloat16 "
                        "or 'auto'.")
+
+
+def _target(value: torch.Tensor | LazyTensor, dtype: torch.dtype | None, device) -> tuple[torch.dtype, torch.device]:
+    """Where ``value`` goes: ``dtype`` if it is floating (else its own), ``device`` (None: where it is)."""
+    own_device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+    return (dtype if dtype is not None and value.dtype.is_floating_point else value.dtype,
+            torch.device(device) if device is not None else own_device)
+
+
+def _cast(value: torch.Tensor | LazyTensor, dtype: torch.dtype | None, device, converting: bool) -> torch.Tensor:
+    """``value`` read, in its target dtype and on its device (:func:`_target`). ``converting``: some tensors of
+    the load are converted, so a file tensor that already fits is copied too (a view would keep its group's
+    whole mapping resident, the converted tensors' source pages included)."""
+    lazy = isinstance(value, LazyTensor)
+    tensor = value.load(regroup=converting) if lazy else value
+    dtype, device = _target(tensor, dtype, device)
+    if tensor.dtype == dtype and tensor.device == device:
+        return tensor.clone() if converting and lazy else tensor
+    return tensor.to(device=device, dtype=dtype)  # the one copy, read straight from the file's pages
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -143,7 +162,8 @@ class ModelMixin(nn.Module, ConfigMixin):
         ``torch_dtype``; float32 by default, whatever the file holds), ``variant`` (``"fp16"`` reads
         ``diffusion_pytorch_model.fp16.safetensors``), ``use_safetensors``, ``device_map`` (a device, or
         "auto": the accelerator if there is one), ``low_cpu_mem_usage`` (loading never initialises weights
-        it then overwrites, and a checkpoint that lacks keys is an error either way), ``disable_mmap``,
+        it then overwrites, reads safetensors tensor by tensor straight into the dtype and onto the device,
+        and a checkpoint that lacks keys is an error either way), ``disable_mmap``,
         ``output_loading_info`` (then ``(model, info)``; the lists are empty, since loading is strict) and the
         Hub's ``force_download``, ``token``, ``proxies``.
         """
@@ -169,8 +189,8 @@ class ModelMixin(nn.Module, ConfigMixin):
             raise LDMKitError(f"{folder} holds a {saved_class}, not a {cls.__name__}. Load it with {saved_class}.")
         # "auto": for the device the weights go to; force_upcast counts at the class default when not saved
         torch_dtype = parse_dtype(torch_dtype, device, cls._with_defaults(config, "force_upcast"))
-        state = load_state_dict(find_weights(folder, cls.weights_stems, variant, use_safetensors), mmap=mmap)
-        model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
+        state = open_state_dict(find_weights(folder, cls.weights_stems, variant, use_safetensors), mmap=mmap)
+        model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder), device=device)
         return model if device is None else model.to(device)
 
     @classmethod
@@ -184,19 +204,28 @@ class ModelMixin(nn.Module, ConfigMixin):
         return ()
 
     @classmethod
-    def from_state_dict(cls, config: dict, state: dict[str, torch.Tensor], torch_dtype=None, source="weights"):
-        """Build the network from a config and load ``state`` strictly (no random init is wasted)."""
-        # "auto" here: for the CPU, where the network is built
-        torch_dtype = parse_dtype(torch_dtype, config=cls._with_defaults(config, "force_upcast"))
+    def from_state_dict(cls, config: dict, state: dict[str, torch.Tensor | LazyTensor], torch_dtype=None,
+                        source="weights", device: torch.device | str | None = None):
+        """Build the network on the meta device from a config and load ``state`` strictly, each tensor read,
+        cast and placed on ``device`` in turn (no random init is wasted, no whole copy in the saved dtype)."""
+        # "auto" here: for the device the weights go to (None: the CPU, where the network is built)
+        torch_dtype = parse_dtype(torch_dtype, device, cls._with_defaults(config, "force_upcast"))
         with torch.device("meta"):
             model = cls.from_config(config)
-        model.load_weights(state, source=source)
         # As diffusers: float32 unless a dtype is asked for, whatever dtype the file was saved in.
-        model.to(torch_dtype or torch.float32)
+        model.load_weights(state, source=source, dtype=torch_dtype or torch.float32, device=device)
+        model.to(torch_dtype or torch.float32)  # a no-op for what load_weights filled: it is in the dtype already
         return model.eval()
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-        """Strict load: any missing or unexpected key is an error naming it."""
+    def load_weights(self, state: dict[str, torch.Tensor | LazyTensor], source: str = "weights",
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Strict load: any missing or unexpected key is an error naming it.
+
+        Tensors are taken one at a time (``LazyTensor`` handles are read then), floating ones cast to ``dtype``
+        and all moved to ``device`` (None: each as it is), and the source dropped before the next: the peak
+        memory is the loaded weights plus a twentieth of them (``SafetensorsReader``), not the file beside
+        them. A tensor already in the dtype and on the device is kept as it is: a float32 load of float32
+        safetensors keeps the memory-mapped file's pages, copying nothing."""
         ignored = [re.compile(p) for p in self._ignored_checkpoint_keys]
         state = {k: v for k, v in state.items() if not any(p.fullmatch(k) for p in ignored)}
         own = self.state_dict(keep_vars=True)
@@ -213,7 +242,12 @@ class ModelMixin(nn.Module, ConfigMixin):
                 raise LDMKitError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config expects "
                                   f"{tuple(param.shape)}. The weights and config.json do not match.")
         # Keep the checkpoint's floating dtype unless asked otherwise; integer buffers keep theirs.
-        self.load_state_dict(state, strict=True, assign=True)
+        lazy = [v for v in state.values() if isinstance(v, LazyTensor)]
+        converting = any(_target(v, dtype, device) != (v.dtype, torch.device("cpu")) for v in lazy)
+        tensors = {key: _cast(state.pop(key), dtype, device, converting) for key in own}
+        self.load_state_dict(tensors, strict=True, assign=True)
+        for reader in {v.reader for v in lazy}:
+            reader.close()
         for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
             if tensor.is_meta:
                 raise LDMKitError(f"{type(self).__name__}.{name} was not initialised by {source}.")

@@ -89,8 +89,8 @@ class UNet2DModel(ModelMixin, AttentionMixin, AttentionSlicingMixin):
         # diffusers' UNet2DModel: the time MLP and the output activation are SiLU whatever act_fn says.
         build_head(self, block_out_channels[0], out_channels, norm_num_groups, norm_eps)
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-        super().load_weights(rename_legacy_attention_keys(state), source=source)
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights", **cast) -> None:
+        super().load_weights(rename_legacy_attention_keys(state), source=source, **cast)
 
     def forward(
         self,

@@ -68,8 +68,8 @@ class VQModel(ModelMixin, AttentionMixin, AutoencoderTilingMixin):
         self.post_quant_conv = nn.Conv2d(vq_embed_dim, latent_channels, 1)
         self.decoder = Decoder(latent_channels, out_channels, up_block_types, **shared)
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-        super().load_weights(rename_legacy_attention_keys(state), source=source)
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights", **cast) -> None:
+        super().load_weights(rename_legacy_attention_keys(state), source=source, **cast)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple:
         """Images ``(B, in_channels, H, W)`` in [-1, 1] -> unquantised latents ``(B, vq_dim, H/f, W/f)``."""
