@@ -53,7 +53,10 @@ def test_names_cannot_be_hub_ids_and_unknown_names_are_clear():
 
 def test_shipped_weights_are_small_fp16_safetensors():
     files = [p for key in BUNDLED for p in bundled_folder("ldmkit:" + key).rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+    first = ("emoji-text2img", "emoji-superres-4x")
+    size = {k: sum(p.stat().st_size for p in bundled_folder("ldmkit:" + k).rglob("*") if p.is_file()) for k in BUNDLED}
+    assert sum(size[k] for k in first) <= 40 * 2**20
+    assert sum(v for k, v in size.items() if k not in first) <= 25e6  # issue 14: the three later ones, 25 MB
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert weights and not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt")]
     from safetensors import safe_open
@@ -184,3 +187,52 @@ def test_cli_upscale_defaults_to_the_bundled_upscaler(capsys, tmp_path, no_netwo
     out = capsys.readouterr().out.split()
     assert PIL.Image.open(out[0]).size == (64, 48)
     assert read_png_metadata(out[0])["model"] == DEFAULT_SUPERRES
+
+
+# ------------------------------------------------------------------ the unconditional, class and inpainting models
+def test_uncond_offline_deterministic_and_same_in_diffusers(no_network):
+    import diffusers
+
+    pipe = DiffusionPipeline.from_pretrained("ldmkit:emoji-uncond")
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "LDMPipeline"
+
+    def run(p, seed):
+        return p(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(seed),
+                 output_type="np").images
+
+    a, b, c = run(pipe, 0), run(pipe, 0), run(pipe, 1)
+    assert a.shape == (2, 32, 32, 3) and np.array_equal(a, b) and not np.allclose(a, c)
+    ref = diffusers.LDMPipeline.from_pretrained(str(bundled_folder("ldmkit:emoji-uncond")), torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    assert np.abs(run(ref, 0) - a).max() <= 1e-4
+
+
+def test_class_model_names_its_classes_and_is_deterministic(no_network):
+    pipe = DiffusionPipeline.from_pretrained("ldmkit:emoji-class")
+    pipe.set_progress_bar_config(disable=True)
+    assert len(pipe.labels) == 45 and "animal-mammal" in pipe.labels and "country-flag" in pipe.labels
+
+    def run(label, seed):
+        return pipe([label], num_inference_steps=5, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+    a = run("country-flag", 0)
+    assert a.shape == (1, 32, 32, 3) and np.array_equal(a, run("country-flag", 0))
+    assert np.array_equal(a, run(pipe.labels["country-flag"], 0)) and not np.allclose(a, run("heart", 0))
+
+
+def test_inpaint_model_keeps_the_known_pixels(no_network):
+    pipe = DiffusionPipeline.from_pretrained("ldmkit:emoji-inpaint")
+    pipe.set_progress_bar_config(disable=True)
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:, :16] = (220, 40, 40)
+    image[:, 16:] = (40, 40, 220)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    out = pipe(image=PIL.Image.fromarray(image), mask_image=PIL.Image.fromarray(mask), num_inference_steps=5,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    out = np.asarray(out)
+    keep = mask == 0
+    assert np.abs(out[keep].astype(int) - image[keep]).max() <= 1
+    assert out.shape == (32, 32, 3)

@@ -17,8 +17,9 @@ import torch
 import ldmkit
 import ldmkit.schedulers as ls
 from ldmkit import DiffusionPipeline
-from ldmkit.cli.generate import SCHEDULERS, set_scheduler
+from ldmkit.cli.generate import set_scheduler
 from ldmkit.errors import LDMKitError
+from ldmkit.pipelines.presets import SAMPLERS as SCHEDULERS
 from scheduler_utils import SD, C, assert_same_trajectory, fake_model, trajectory  # tests/ is on sys.path
 
 NEW = ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
