@@ -128,11 +128,11 @@ def hole_psnr(a: np.ndarray, b: np.ndarray, hole: np.ndarray) -> float:
 
 
 def bench_inpaint(args) -> dict:
-    from ldmkit.training.masks import sample_masks
+    from ldmkit.training.masks import seeded_masks
 
     test = read_split(Path(args.data) / "test")
     originals = [np.asarray(PIL.Image.open(p).convert("RGB")) for p, _ in test]
-    masks = sample_masks(len(test), 32, 32, torch.Generator().manual_seed(args.seed)).numpy() > 0.5
+    masks = seeded_masks(args.seed, len(test), 32).numpy() > 0.5  # (N, 1, 32, 32), True = the hole
     pipe = _pipe(args.model)
     outputs, start = [], time.perf_counter()
     for k in range(0, len(test), args.batch):

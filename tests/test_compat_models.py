@@ -183,7 +183,7 @@ def _bundled_configs() -> list[tuple[str, Path]]:
     found = []
     for config in sorted(BUNDLED.glob("*/*/config.json")):
         name = json.loads(config.read_text()).get("_class_name")  # LDMBert's is a transformers config
-        if name is not None:
+        if name is not None and hasattr(diffusers, name):  # ClassEmbedder is ldmkit's (diffusers has none)
             found.append((name, config))
     return found
 

@@ -56,9 +56,9 @@ def _standardised(folder, data):
     return folder
 
 
-def _recipe(toy, conditioning, steps, **extra):
+def _recipe(toy, conditioning, steps, out=None, **extra):
     tmp, data, ae = toy
-    d = ldm_dict(data, ae, tmp / conditioning, conditioning=conditioning, max_steps=steps, batch_size=16,
+    d = ldm_dict(data, ae, out or tmp / conditioning, conditioning=conditioning, max_steps=steps, batch_size=16,
                  lr=2e-3, warmup_steps=20, lr_schedule="constant", log_every=50)
     d["data"].update(label_column="label", random_flip=False)
     d["unet"] = {"block_out_channels": [32, 32], "layers_per_block": 1, "attention_levels": [False, True],
@@ -157,7 +157,8 @@ def test_class_and_inpaint_recipes_are_checked(toy, tmp_path):
     with pytest.raises(LDMKitError, match="have no class label.*sub-folder"):
         train_ldm(build_recipe("ldm", d))
     with pytest.raises(LDMKitError, match="'purple' is not a class.*blue, green, red, yellow"):
-        train_ldm(_recipe(toy, "class", 1, sampling={"classes": ["purple"]}))
+        # a folder of its own: a fresh run where another run's checkpoints are is refused
+        train_ldm(_recipe(toy, "class", 1, out=tmp_path / "purple", sampling={"classes": ["purple"]}))
     with pytest.raises(LDMKitError, match="latent_cache cannot serve inpainting"):
         _recipe(toy, "inpaint", 1, data={"latent_cache": True})
     with pytest.raises(LDMKitError, match="class_dropout must be in"):
