@@ -9,10 +9,12 @@ Every measurement runs in a fresh one-thread process that loads the folder with 
 ``from_pretrained`` under ``torch.inference_mode()``; the processes alternate between the libraries,
 ``--rounds`` times, and the medians are compared.
 
-Modes: ``fp32`` (exact; both libraries), ``bf16`` (``torch_dtype=torch.bfloat16``; both libraries, diffusers'
-output as ``output_type="pt"`` then ``.float()``) and ``fast`` (ldmkit only: the dtype of the fast preset,
-then ``ldmkit.pipelines.presets.apply_preset(pipe, "fast")``: its sampler, feature cache and guidance
-interval). Per mode: load seconds and peak RSS, seconds per UNet step (batch 2, as with guidance), LDMBert
+Modes: ``fp32`` (exact; both libraries), ``compiled`` (ldmkit fp32 after ``pipe.compile(("unet",))``; the compile
+time, the first UNet call, is reported as ``compile_s`` and not in the step time), ``bf16``
+(``torch_dtype=torch.bfloat16``; both libraries, diffusers' output as ``output_type="pt"`` then ``.float()``) and
+``fast`` (ldmkit only: the dtype of the fast preset, then ``ldmkit.pipelines.presets.apply_preset(pipe, "fast")``: its
+sampler, feature cache and guidance interval).
+Per mode: load seconds and peak RSS, seconds per UNet step (batch 2, as with guidance), LDMBert
 (batch 2), the KL decode (32 -> 256), and a pipeline call (``--steps`` steps, guidance 6; DDIM with eta 0.3
 and the same x_T and step noise in fp32 / bf16, where the largest pixel difference between the libraries is
 reported too). Ratios are diffusers fp32 / ldmkit in that mode (> 1: ldmkit is faster), and for bf16 also
@@ -45,7 +47,8 @@ SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_
              "set_alpha_to_one": False, "steps_offset": 1}
 PROMPT = ["w1 w2 w3 w4"]
 VOCAB = 30522
-LIBS = {"fp32": ("diffusers", "ldmkit"), "bf16": ("diffusers", "ldmkit"), "fast": ("ldmkit",)}
+LIBS = {"fp32": ("diffusers", "ldmkit"), "bf16": ("diffusers", "ldmkit"), "fast": ("ldmkit",),
+        "compiled": ("ldmkit",)}
 SEED_CALL = {"num_inference_steps": 50, "guidance_scale": 6.0, "eta": 0.3}  # the seed's snippet
 # Published shapes (published-checkpoints.md); "tiny" keeps the structure at a few MB for --tiny.
 LAYOUTS = {
@@ -96,9 +99,11 @@ def load(lib_name: str, mode: str, folder: str):
 
     lib = importlib.import_module(lib_name)
     if mode != "fast":
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[mode]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "compiled": torch.float32}[mode]
         pipe = lib.DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
+        if mode == "compiled":
+            pipe.compile(("unet",))  # exact fp32 with the compiled UNet; the first step below compiles
         return pipe, {"eta": 0.3}
     from ldmkit.pipelines.presets import apply_preset, get_preset, pick_dtype
 
@@ -120,10 +125,15 @@ def worker(lib_name: str, mode: str, folder: str, steps: int, repeats: int, imag
     ids = torch.randint(0, VOCAB, (2, 77), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ctx = pipe.bert(ids)[0]
-        for name, fn in (("unet_step_batch2_s", lambda: pipe.unet(x, 500, encoder_hidden_states=ctx).sample),
+        # x and t as the pipelines pass them (inference tensors, t 0-d), so a compiled UNet is not recompiled
+        x, t = x.clone(), torch.tensor(500)
+        for name, fn in (("unet_step_batch2_s", lambda: pipe.unet(x, t, encoder_hidden_states=ctx).sample),
                          ("ldmbert_batch2_s", lambda: pipe.bert(ids)[0]),
                          ("kl_decode_s", lambda: pipe.vqvae.decode(x[:1]).sample)):
-            fn()  # warm-up
+            start = time.perf_counter()
+            fn()  # warm-up (mode "compiled": the UNet's compile)
+            if mode == "compiled" and name.startswith("unet"):
+                result["compile_s"] = time.perf_counter() - start
             result[name] = timed(fn, repeats)[0]
         with PeakRSS() as call_mem:
             result["pipeline_call_s"], images = timed(lambda: call(pipe, lib_name, dtype, steps, call_kw), 1)
@@ -178,7 +188,7 @@ def compare(folder: Path, args) -> dict:
 
 
 def _ratios(base: dict | None, ours: dict) -> dict:
-    return {k: base[k] / ours[k] for k in ours if k.endswith("_s")} if base else {}
+    return {k: base[k] / ours[k] for k in ours if k.endswith("_s") and k in base} if base else {}
 
 
 def _print_table(medians: dict, ratios: dict, diffs: dict) -> None:
@@ -255,7 +265,7 @@ def headline(folder: Path, rounds: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", choices=sorted(LIBS), default=["fp32", "bf16", "fast"])
+    parser.add_argument("--modes", nargs="+", choices=sorted(LIBS), default=["fp32", "bf16", "fast", "compiled"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)

@@ -34,5 +34,5 @@ sys.exit(common.announce() > common.BUSY_LIMIT)"; then
     exit 1
 fi
 start=$(date +%s)
-"$PY" benchmarks/bench_text2img.py --modes fp32 bf16 fast --steps 2 --repeats 3 --rounds 2 --headline-rounds 1
+"$PY" benchmarks/bench_text2img.py --modes fp32 bf16 fast compiled --steps 2 --repeats 3 --rounds 2 --headline-rounds 1
 echo "quiet_run: $(( $(date +%s) - start )) s"
