@@ -77,10 +77,10 @@ def run(setting: dict, prompts, seeds, batch: int, model: str):
 
     def counting_forward(sample, *args, **kw):
         cache = pipe.unet._feature_cache
-        shallow = cache is not None and not cache.full and cache.cached is not None \
-            and cache.cached.shape[0] == sample.shape[0]
-        calls.append((sample.shape[0], shallow))
-        return original(sample, *args, **kw)
+        before = cache.calls["shallow"] if cache is not None else 0
+        out = original(sample, *args, **kw)
+        calls.append((sample.shape[0], cache is not None and cache.calls["shallow"] > before))
+        return out
 
     pipe.unet.forward = counting_forward
     images, start = [], time.perf_counter()

@@ -64,8 +64,40 @@ def test_uncond_unet2d_cache_counts():
     with torch.no_grad():
         whole = unet(x, 10).sample
         unet._feature_cache = cache
-        cache.full = True
+        cache.begin_step(full=True)
         assert torch.equal(unet(x, 10).sample, whole)  # a full step is the plain forward
-        cache.full = False
+        cache.end_step()
+        cache.begin_step(full=False)
         shallow = unet(x, 10).sample  # same input: the cached deep feature is exact, so the result is too
     assert torch.allclose(shallow, whole, atol=1e-5) and cache.calls == {"full": 1, "shallow": 1}
+
+
+def test_a_step_with_several_unet_calls_reuses_each_calls_own_features(pipe):
+    """Tiled pipelines call the UNet once per tile in a step: a shallow step must give every tile the deep
+    feature of its own call on the full step, not the last tile's."""
+    from ldmkit.pipelines.denoising import Sampling
+
+    a, b = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    context = pipe.bert(pipe.tokenizer(["red apple", ""], padding="max_length", max_length=77,
+                                       return_tensors="pt").input_ids)[0]
+    pipe.scheduler.set_timesteps(4)
+
+    def outputs(tiles):
+        seen = []
+
+        def predict(latents, t):  # one "tile" per input; the loop's latents are ignored
+            for x in tiles:
+                seen.append(pipe.unet(x, t, encoder_hidden_states=context).sample)
+            return seen[-1][:1]
+
+        sampling = Sampling(num_inference_steps=4, generator=None, eta=0.0)
+        pipe.denoise(torch.zeros(1, 4, 8, 8), predict, sampling)
+        return seen[len(tiles) * 1: len(tiles) * 2]  # step 1: shallow with interval 2
+
+    pipe.enable_feature_cache(interval=2)
+    try:
+        with torch.inference_mode():
+            alone, together = outputs([a]), outputs([a, b])
+    finally:
+        pipe.disable_feature_cache()
+    assert torch.equal(alone[0], together[0])

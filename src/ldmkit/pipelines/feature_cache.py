@@ -8,9 +8,12 @@ levels from the top) is kept; on the steps in between only the shallow path runs
 head. The deep levels, the mid block and their attention are skipped.
 
 It is installed as a hook of the one denoising loop (``pipe.predict_wrappers``), which marks each step full
-or shallow, and a partial-forward hook on the UNet; no pipeline's own code takes part. The cache is per batch
-row: a full step caches the whole batch (both classifier-free guidance halves); when the batch shape
-changes (e.g. leaving a guidance interval halves it) the step is run in full again.
+or shallow, and a partial-forward hook on the UNet; no pipeline's own code takes part. A full step keeps one
+feature per UNet call, in call order, so a step that calls the UNet more than once (the tiles of the tiled
+super-resolution pipeline) gives each call of a shallow step the feature of its own call on the full step,
+not the last tile's. Each feature covers the call's whole batch (both classifier-free guidance halves); a
+call whose input shape or dtype differs from its full-step call's (e.g. leaving a guidance interval halves
+the batch) runs in full again.
 """
 
 from __future__ import annotations
@@ -60,34 +63,48 @@ class FeatureCache:
         full_steps(interval, interval, schedule)  # validates the schedule name
         self.unet, self.interval, self.branch, self.schedule = unet, interval, branch, schedule
         self.full = True
-        self.cached: torch.Tensor | None = None
+        # The last full step's (input shape, dtype, deep feature) per UNet call; the step being run fills
+        # ``keep`` (None outside a full step of a cached loop), ``slot`` counts this step's calls.
+        self.cached: list[tuple[torch.Size, torch.dtype, torch.Tensor]] = []
+        self.keep: list | None = None
+        self.slot = 0
         self.calls = {"full": 0, "shallow": 0}
 
     def wrapper(self, predict, timesteps):
         """The loop hook: marks each step full or shallow (by its index in this call's schedule)."""
         plan = set(full_steps(len(timesteps), self.interval, self.schedule))
         state = {"i": 0}
-        self.cached = None
+        self.cached = []
 
         def cached_predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            self.full = state["i"] in plan
+            self.begin_step(state["i"] in plan)
             state["i"] += 1
             try:
                 return predict(latents, t)
             finally:
+                self.end_step()
                 if state["i"] == len(timesteps):  # the call is over: later UNet calls run in full
-                    self.full, self.cached = True, None
+                    self.full, self.cached = True, []
 
         return cached_predict
 
+    def begin_step(self, full: bool) -> None:
+        """A step starts: a full one records each UNet call's deep feature, a shallow one reuses them."""
+        self.full, self.slot, self.keep = full, 0, [] if full else None
+
+    def end_step(self) -> None:
+        if self.keep is not None:
+            self.cached, self.keep = self.keep, None
+
     def forward(self, unet, sample: torch.Tensor, timestep, class_labels, *context) -> torch.Tensor:
         """The UNet's output, whole or by the shallow path (called from the UNet's forward)."""
-        cached = self.cached
-        if self.full or cached is None or cached.shape[0] != sample.shape[0] or cached.dtype != sample.dtype:
+        slot, self.slot = self.slot, self.slot + 1
+        entry = self.cached[slot] if not self.full and slot < len(self.cached) else None
+        if entry is None or entry[0] != sample.shape or entry[1] != sample.dtype:
             self.calls["full"] += 1
             return self._full(unet, sample, timestep, class_labels, *context)
         self.calls["shallow"] += 1
-        return self._shallow(unet, sample, timestep, class_labels, *context)
+        return self._shallow(unet, entry[2], sample, timestep, class_labels, *context)
 
     def _stem(self, unet, sample, timestep, class_labels):
         if unet.config.center_input_sample:
@@ -108,12 +125,12 @@ class FeatureCache:
         if unet.mid_block is not None:
             hidden_states = unet.mid_block(hidden_states, emb, *context)
         for j, block in enumerate(unet.up_blocks):
-            if j == first:
-                self.cached = hidden_states
+            if j == first and self.keep is not None:
+                self.keep.append((sample.shape, sample.dtype, hidden_states))
             hidden_states = block(hidden_states, skips, emb, *context)
         return unet.conv_out(unet.conv_act(unet.conv_norm_out(hidden_states)))
 
-    def _shallow(self, unet, sample, timestep, class_labels, *context) -> torch.Tensor:
+    def _shallow(self, unet, deep, sample, timestep, class_labels, *context) -> torch.Tensor:
         first = len(unet.up_blocks) - self.branch
         hidden_states, emb = self._stem(unet, sample, timestep, class_labels)
         skips = [hidden_states]
@@ -122,7 +139,7 @@ class FeatureCache:
             skips.extend(block_skips)
         # The last shallow down level's downsampled output feeds the deep levels only: drop its skip.
         del skips[sum(len(block.resnets) for block in unet.up_blocks[first:]):]
-        hidden_states = self.cached
+        hidden_states = deep
         for block in unet.up_blocks[first:]:
             hidden_states = block(hidden_states, skips, emb, *context)
         return unet.conv_out(unet.conv_act(unet.conv_norm_out(hidden_states)))
