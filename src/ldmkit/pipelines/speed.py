@@ -12,9 +12,11 @@ compiles (about a minute for that UNet on one core), so it pays for a server or 
 image from a terminal. Freezing reads the weights at compile time: compile after loading them.
 
 Channels-last (:func:`use_channels_last`): oneDNN's bf16 convolutions (AMX) run faster on NHWC activations
-for wide layers (the full-size UNet: 0.84 s against 1.0 s per step), but the 64-96 channel emoji UNets ran
-10 % slower, and fp32 on this CPU was 7 % slower even at full size; so the fast preset applies it only to
-bf16 networks at least :data:`CHANNELS_LAST_MIN_WIDTH` channels wide.
+for the published model sizes, one core, bf16: the text-to-image UNet step 0.84 s against 1.0 s, the
+super-resolution UNet on a 128 px tile 0.42 s against 0.53 s (192 px: 0.96 against 1.54), the VQ f4 decoder
+on a 64 px latent tile 0.88 s against 1.81 s. The 64-96 channel emoji UNets ran 10 % slower, and fp32 was
+4-7 % slower on every one of these networks; so the fast preset applies it only to bf16 networks at least
+:data:`CHANNELS_LAST_MIN_WIDTH` channels wide.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from ..errors import LDMKitError
 
 # The narrowest first-level width of a conv network for which channels-last paid in bf16 (measured: 320, the
-# full-size text-to-image UNet, 1.19x; 64-128, the emoji models, 0.9x).
-CHANNELS_LAST_MIN_WIDTH = 256
+# full-size text-to-image UNet, 1.19x; 160, the super-resolution UNet, 1.3-1.6x; 128, the VQ f4 decoder,
+# 2.1x; 64, the emoji UNets, 0.9x).
+CHANNELS_LAST_MIN_WIDTH = 128
 
 
 def _first_width(module: torch.nn.Module) -> int:
