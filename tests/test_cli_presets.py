@@ -95,7 +95,7 @@ def test_a_png_from_before_presets_replays_as_exact(capsys, tiny_text2img_dir, t
                        "--exact", "--quiet", "-o", tmp_path)
     meta = read_png_metadata(out[0])
     old = {k: v for k, v in meta.items() if k not in ("preset", "dtype", "cache_interval", "cache_schedule",
-                                                       "guidance_interval", "channels_last")}
+                                                       "guidance_interval")}
     legacy = save_png(PIL.Image.open(out[0]).copy(), tmp_path / "legacy.png", old)
     code, again, _ = run(capsys, "txt2img", "--from-png", legacy, "-o", tmp_path, "--quiet")
     assert code == 0 and read_png_metadata(again[0])["preset"] == "exact"

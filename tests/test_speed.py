@@ -40,10 +40,15 @@ def test_channels_last_only_for_wide_bf16_networks():
     assert not _is_channels_last(wide_bf16)
 
 
-def test_fast_preset_records_channels_last_and_exact_does_not():
-    from ldmkit.pipelines.presets import PRESETS
+def test_loading_or_moving_to_bf16_on_a_cpu_applies_it(tiny_uncond_dir, monkeypatch):
+    from ldmkit.pipelines import speed
 
-    assert PRESETS["fast"].channels_last is True and PRESETS["exact"].channels_last is False
+    monkeypatch.setattr(speed, "CHANNELS_LAST_MIN_WIDTH", 1)  # the tiny model is narrow
+    assert not _is_channels_last(DiffusionPipeline.from_pretrained(tiny_uncond_dir).unet)
+    pipe = DiffusionPipeline.from_pretrained(tiny_uncond_dir, torch_dtype=torch.bfloat16)
+    assert _is_channels_last(pipe.unet) and _is_channels_last(pipe.vqvae)
+    moved = DiffusionPipeline.from_pretrained(tiny_uncond_dir).to(torch.bfloat16)
+    assert _is_channels_last(moved.unet)
 
 
 def test_compile_matches_eager_with_and_without_the_feature_cache(tiny_uncond_dir, one_torch_thread):

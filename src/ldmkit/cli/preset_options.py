@@ -27,7 +27,7 @@ DTYPE_CHOICES = ["auto", *DTYPE_NAMES]
 # by --from-png as they are, so a replay does not depend on what the preset means in a later version.
 PRESET_KEYS = {"preset": (str,), "dtype": (str, dict), "cache_interval": (int,), "cache_schedule": (str,),
                "guidance_interval": (list, type(None)), "upscale_dtype": (str, dict),
-               "upscale_scheduler": (str, type(None)), "channels_last": (bool,)}
+               "upscale_scheduler": (str, type(None))}
 
 
 def add_preset_options(p: argparse.ArgumentParser) -> None:
@@ -54,8 +54,7 @@ def run_preset(args, default_steps: int) -> Preset:
         interval = args.guidance_interval
         preset = Preset(args.preset, dtype=args.dtype, sampler=args.scheduler, num_inference_steps=args.steps,
                         cache_interval=args.cache_interval, cache_schedule=args.cache_schedule,
-                        guidance_interval=None if interval is None else tuple(interval),
-                        channels_last=args.channels_last)
+                        guidance_interval=None if interval is None else tuple(interval))
     else:
         given = {"dtype": args.dtype, "sampler": args.scheduler, "num_inference_steps": args.steps}
         preset = replace(get_preset(args.preset), **{k: v for k, v in given.items() if v is not None})
@@ -83,8 +82,7 @@ def preset_metadata(pipe, preset: Preset) -> dict:
     interval = preset.guidance_interval
     return {"preset": preset.name, "dtype": dtype_names(pipe), "scheduler": preset.sampler,
             "steps": preset.num_inference_steps, "cache_interval": preset.cache_interval,
-            "cache_schedule": preset.cache_schedule, "guidance_interval": None if interval is None else list(interval),
-            "channels_last": preset.channels_last}
+            "cache_schedule": preset.cache_schedule, "guidance_interval": None if interval is None else list(interval)}
 
 
 def restore_preset(args, meta: dict) -> None:
@@ -97,7 +95,6 @@ def restore_preset(args, meta: dict) -> None:
     args.cache_interval = meta.get("cache_interval", exact.cache_interval)
     args.cache_schedule = meta.get("cache_schedule", exact.cache_schedule)
     args.guidance_interval = meta.get("guidance_interval", exact.guidance_interval)
-    args.channels_last = meta.get("channels_last", exact.channels_last)
     if meta.get("upscale"):
         args.upscale_dtype = _dtype(args.from_png, "upscale_dtype", meta.get("upscale_dtype", exact.dtype))
         args.upscale_scheduler = meta.get("upscale_scheduler", exact.sampler)

@@ -150,6 +150,7 @@ class DiffusionPipeline(MemoryMixin):
         for module in self._modules():
             target = parse_dtype("auto", device or module.device, getattr(module, "config", None)) if auto else dtype
             module.to(device=device, dtype=target)
+        speed.use_channels_last(self)  # bf16 on a CPU: the layout its convolutions run fastest in
         return self
 
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -340,9 +341,11 @@ class DiffusionPipeline(MemoryMixin):
         ``disable_mmap``, and the Hub's ``force_download``, ``token``, ``proxies``. Other keywords are
         components, used as they are instead of being loaded (to share them).
         """
-        return loader("from_pretrained")(cls, name_or_path, {
+        pipe = loader("from_pretrained")(cls, name_or_path, {
             "torch_dtype": torch_dtype, "revision": revision, "cache_dir": cache_dir,
             "local_files_only": local_files_only, "variant": variant, **kwargs})
+        speed.use_channels_last(pipe)  # bf16 on a CPU: the layout its convolutions run fastest in
+        return pipe
 
     @classmethod
     def from_single_file(
@@ -368,9 +371,11 @@ class DiffusionPipeline(MemoryMixin):
         """
         if config is not None and original_config is not None:
             raise LDMKitError("from_single_file got both config= and original_config= (the same YAML); pass one.")
-        return loader("from_single_file")(
+        pipe = loader("from_single_file")(
             cls, path, config=original_config if config is None else config, use_ema=use_ema,
             torch_dtype=resolve_dtype(dtype, torch_dtype, f"{cls.__name__}.from_single_file"), tokenizer=tokenizer)
+        speed.use_channels_last(pipe)
+        return pipe
 
     def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None,
                         max_shard_size: int | str | None = None, push_to_hub: bool = False, **push_options) -> None:

@@ -15,7 +15,6 @@ import torch
 from .. import schedulers
 from ..errors import LDMKitError
 from ..hardware import auto_dtype
-from . import speed
 from .pipeline_utils import DiffusionPipeline
 
 # sampler names (CLI --scheduler, server "scheduler") -> (class name, config overrides)
@@ -54,7 +53,6 @@ class Preset:
     cache_interval: int = 1          # feature cache (DeepCache): 1 = off, N = one full UNet step in N
     cache_schedule: str = "uniform"  # "uniform" or "quadratic" (pipelines/feature_cache.py)
     guidance_interval: tuple[float, float] | None = None  # sigma range guided (denoising.Guidance); None: all
-    channels_last: bool = False      # wide bf16 CPU networks in channels-last (pipelines/speed.py)
 
 
 PRESETS = {
@@ -63,7 +61,7 @@ PRESETS = {
     # 20 steps (Lu et al., 2022), the feature cache at 2 (uniform: the quadratic placement measured worse)
     # and guidance only below sigma 5 (Kynkaenniemi et al., 2024), top-1 equal to exact 50-step DDIM there.
     "fast": Preset("fast", dtype="auto", sampler="dpm++2m-karras", num_inference_steps=20, cache_interval=2,
-                   cache_schedule="uniform", guidance_interval=(0.0, 5.0), channels_last=True),
+                   cache_schedule="uniform", guidance_interval=(0.0, 5.0)),
 }
 
 
@@ -94,7 +92,6 @@ def apply_preset(pipe, name: str | Preset) -> dict:
             pipe.enable_feature_cache(interval=preset.cache_interval, schedule=preset.cache_schedule)
         else:
             pipe.disable_feature_cache()
-    speed.use_channels_last(pipe, preset.channels_last)
     kwargs = {}
     if preset.num_inference_steps is not None:
         kwargs["num_inference_steps"] = preset.num_inference_steps

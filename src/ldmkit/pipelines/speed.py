@@ -15,8 +15,9 @@ Channels-last (:func:`use_channels_last`): oneDNN's bf16 convolutions (AMX) run 
 for the published model sizes, one core, bf16: the text-to-image UNet step 0.84 s against 1.0 s, the
 super-resolution UNet on a 128 px tile 0.42 s against 0.53 s (192 px: 0.96 against 1.54), the VQ f4 decoder
 on a 64 px latent tile 0.88 s against 1.81 s. The 64-96 channel emoji UNets ran 10 % slower, and fp32 was
-4-7 % slower on every one of these networks; so the fast preset applies it only to bf16 networks at least
-:data:`CHANNELS_LAST_MIN_WIDTH` channels wide.
+4-7 % slower on every one of these networks; so it is applied to bf16 networks on a CPU at least
+:data:`CHANNELS_LAST_MIN_WIDTH` channels wide, and to nothing else, whenever a pipeline is loaded or moved
+(``from_pretrained``, ``from_single_file``, ``pipe.to``). It changes no parameter: only the memory order.
 """
 
 from __future__ import annotations
