@@ -14,9 +14,10 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 def overflow_in_half(vae) -> None:
-    """Push channel 0 of the decoder's last convolution to float16's largest value: any positive contribution
-    of the rest then overflows to inf in float16, while float32 stays finite (and is clamped to 1)."""
-    conv = vae.decoder.conv_out
+    """Push channel 0 of the decoder's last resnet convolution to float16's largest value: any positive
+    contribution of the rest then overflows to inf in float16 (and the float32 head gets NaN), while float32
+    stays finite. (Not conv_out: the decoder's head runs in float32 whatever the dtype.)"""
+    conv = vae.decoder.up_blocks[-1].resnets[-1].conv2
     with torch.no_grad():
         conv.weight.mul_(100.0)
         conv.bias[0] = FP16_MAX
