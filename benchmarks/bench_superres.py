@@ -198,7 +198,8 @@ def emoji_large(args):
         seconds = time.perf_counter() - start
     docs = Path(__file__).resolve().parents[1] / "docs"
     out.resize((1024, 1024), Image.LANCZOS).save(docs / "superres-2048-overview.jpg", quality=90)
-    out.crop((256, 256, 768, 768)).save(docs / "superres-2048-crop.png")  # spans tile seams (tiles: 512 px)
+    # Output tiles are 512 px, one every 384 px: this crop spans a 128 px blend zone in each direction.
+    out.crop((256, 256, 768, 768)).save(docs / "superres-2048-crop.png")
     results = {"model": "ldmkit:emoji-superres-4x", "input": 512, "output": list(out.size), "preset": "fast",
                "dtype": str(pipe.unet.dtype), "threads": torch.get_num_threads(), **kwargs, "seconds": seconds,
                "peak_rss_increase_during_run_gib": mem.peak / 2**30}

@@ -7,8 +7,9 @@ import torch
 
 from ldmkit import DiffusionPipeline
 from ldmkit.errors import LDMKitError
+from ldmkit.hardware import CHANNELS_LAST_MIN_WIDTH
 from ldmkit.models.unet_2d import UNet2DModel
-from ldmkit.pipelines.speed import CHANNELS_LAST_MIN_WIDTH, use_channels_last
+from ldmkit.pipelines.speed import use_channels_last
 
 
 def _unet(width: int, dtype) -> UNet2DModel:
@@ -41,9 +42,9 @@ def test_channels_last_only_for_wide_bf16_networks():
 
 
 def test_loading_or_moving_to_bf16_on_a_cpu_applies_it(tiny_uncond_dir, monkeypatch):
-    from ldmkit.pipelines import speed
+    from ldmkit import hardware
 
-    monkeypatch.setattr(speed, "CHANNELS_LAST_MIN_WIDTH", 1)  # the tiny model is narrow
+    monkeypatch.setattr(hardware, "CHANNELS_LAST_MIN_WIDTH", 1)  # the tiny model is narrow
     assert not _is_channels_last(DiffusionPipeline.from_pretrained(tiny_uncond_dir).unet)
     pipe = DiffusionPipeline.from_pretrained(tiny_uncond_dir, torch_dtype=torch.bfloat16)
     assert _is_channels_last(pipe.unet) and _is_channels_last(pipe.vqvae)

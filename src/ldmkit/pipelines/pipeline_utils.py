@@ -341,11 +341,9 @@ class DiffusionPipeline(MemoryMixin):
         ``disable_mmap``, and the Hub's ``force_download``, ``token``, ``proxies``. Other keywords are
         components, used as they are instead of being loaded (to share them).
         """
-        pipe = loader("from_pretrained")(cls, name_or_path, {
+        return loader("from_pretrained")(cls, name_or_path, {
             "torch_dtype": torch_dtype, "revision": revision, "cache_dir": cache_dir,
             "local_files_only": local_files_only, "variant": variant, **kwargs})
-        speed.use_channels_last(pipe)  # bf16 on a CPU: the layout its convolutions run fastest in
-        return pipe
 
     @classmethod
     def from_single_file(
@@ -371,11 +369,9 @@ class DiffusionPipeline(MemoryMixin):
         """
         if config is not None and original_config is not None:
             raise LDMKitError("from_single_file got both config= and original_config= (the same YAML); pass one.")
-        pipe = loader("from_single_file")(
+        return loader("from_single_file")(
             cls, path, config=original_config if config is None else config, use_ema=use_ema,
             torch_dtype=resolve_dtype(dtype, torch_dtype, f"{cls.__name__}.from_single_file"), tokenizer=tokenizer)
-        speed.use_channels_last(pipe)
-        return pipe
 
     def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None,
                         max_shard_size: int | str | None = None, push_to_hub: bool = False, **push_options) -> None:

@@ -15,9 +15,11 @@ Channels-last (:func:`use_channels_last`): oneDNN's bf16 convolutions (AMX) run 
 for the published model sizes, one core, bf16: the text-to-image UNet step 0.84 s against 1.0 s, the
 super-resolution UNet on a 128 px tile 0.42 s against 0.53 s (192 px: 0.96 against 1.54), the VQ f4 decoder
 on a 64 px latent tile 0.88 s against 1.81 s. The 64-96 channel emoji UNets ran 10 % slower, and fp32 was
-4-7 % slower on every one of these networks; so it is applied to bf16 networks on a CPU at least
-:data:`CHANNELS_LAST_MIN_WIDTH` channels wide, and to nothing else, whenever a pipeline is loaded or moved
-(``from_pretrained``, ``from_single_file``, ``pipe.to``). It changes no parameter: only the memory order.
+4-7 % slower on every one of these networks; so it is used for bf16 networks on a CPU at least
+``ldmkit.hardware.CHANNELS_LAST_MIN_WIDTH`` channels wide, and for nothing else: such a network is stored
+channels-last when it is loaded (in the same copy as the cast to bf16: models/modeling_utils.py) and when a
+pipeline is moved to bf16 (``pipe.to``, through :func:`use_channels_last`). It changes no value, only the
+memory order.
 """
 
 from __future__ import annotations
@@ -25,28 +27,18 @@ from __future__ import annotations
 import torch
 
 from ..errors import LDMKitError
-
-# The narrowest first-level width of a conv network for which channels-last paid in bf16 (measured: 320, the
-# full-size text-to-image UNet, 1.19x; 160, the super-resolution UNet, 1.3-1.6x; 128, the VQ f4 decoder,
-# 2.1x; 64, the emoji UNets, 0.9x).
-CHANNELS_LAST_MIN_WIDTH = 128
-
-
-def _first_width(module: torch.nn.Module) -> int:
-    config = getattr(module, "config", None) or {}
-    widths = config.get("block_out_channels") or ()
-    return int(widths[0]) if widths else 0
+from ..hardware import prefers_channels_last
 
 
 def use_channels_last(pipe, enabled: bool = True) -> list[str]:
-    """Put the wide bf16 conv networks of ``pipe`` (on a CPU) into channels-last (``enabled=False``: back to
-    contiguous). Returns the names of the components it changed. Outputs differ from the contiguous layout
-    only by float rounding (a different convolution algorithm), so exact (fp32) runs never use it."""
+    """Put the networks of ``pipe`` that run faster so (:func:`ldmkit.hardware.prefers_channels_last`) into
+    channels-last (``enabled=False``: every conv network back to contiguous). Returns the names changed."""
     changed = []
     for name, module in pipe.components.items():
-        if not isinstance(module, torch.nn.Module) or _first_width(module) < CHANNELS_LAST_MIN_WIDTH:
+        config = getattr(module, "config", None) if isinstance(module, torch.nn.Module) else None
+        if not (config or {}).get("block_out_channels"):
             continue
-        if enabled and (module.dtype != torch.bfloat16 or module.device.type != "cpu"):
+        if enabled and not prefers_channels_last(config, module.dtype, module.device):
             continue
         module.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         changed.append(name)
