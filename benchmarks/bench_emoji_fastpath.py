@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer solvers (a smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "emoji-fastpath.json"))
     parser.add_argument("--plot-only", action="store_true", help="redraw docs/emoji-fastpath.png from --out")
+    parser.add_argument("--rows", nargs="+", metavar="NAME",
+                        help="run only these settings and replace their rows in --out (the rest kept)")
     args = parser.parse_args(argv)
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text())["results"], DOCS / "emoji-fastpath.png")
@@ -123,7 +125,10 @@ def main(argv=None) -> int:
     prompts, seeds = [train[i][1] for i in chosen], [args.seed + k for k in range(args.n)]
     reference, _, _ = run({"steps": 250}, prompts, seeds, args.batch, args.model)
     results = []
-    for setting in settings(args.quick):
+    chosen_settings = [r for r in settings(args.quick) if not args.rows or r["name"] in args.rows]
+    if args.rows and len(chosen_settings) != len(args.rows):
+        raise SystemExit(f"--rows: unknown names; known: {[r['name'] for r in settings(args.quick)]}")
+    for setting in chosen_settings:
         images, seconds, work = run(setting, prompts, seeds, args.batch, args.model)
         images8 = to_tensor([PIL.Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
                              for im in images])
@@ -135,6 +140,10 @@ def main(argv=None) -> int:
         results.append(row)
         print(f"{row['name']:45s} top1 {row['top1']:.2f} top5 {row['top5']:.2f} rms {rms:.4f} "
               f"{seconds:6.2f}s full {work['full_rows']} shallow {work['shallow_rows']}", flush=True)
+    if args.rows:  # the other rows as they were measured before
+        fresh = {r["name"]: r for r in results}
+        results = [fresh.pop(r["name"], r) for r in json.loads(Path(args.out).read_text())["results"]]
+        results += list(fresh.values())
     out = {"model": args.model, "captions": args.n, "guidance_scale": 3.0, "reference": "DDIM 250 fp32",
            "torch_threads": 1, "load": "shared machine (other helpers' jobs on 2 cores): times are rough",
            "results": results}
