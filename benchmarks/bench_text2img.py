@@ -20,9 +20,9 @@ and the same x_T and step noise in fp32 / bf16, where the largest pixel differen
 reported too). Ratios are diffusers fp32 / ldmkit in that mode (> 1: ldmkit is faster), and for bf16 also
 diffusers bf16 / ldmkit bf16.
 
-Headline: the whole process (interpreter start, imports, load, one image; each in a fresh process) with the
-fast preset at its own step count, against diffusers' seed call (fp32, 50 DDIM steps, guidance 6, eta 0.3),
-``--headline-rounds`` times each, alternating, with each process's peak RSS.
+Headline: the whole process (interpreter start, imports, load, one image; each in a fresh process) of
+``ldmkit txt2img --fast`` (the command line itself, writing its PNG), against diffusers' seed call (fp32, 50 DDIM
+steps, guidance 6, eta 0.3), ``--headline-rounds`` times each, alternating, with each process's peak RSS.
 
 Results: benchmarks/results/text2img-modes.json and text2img-headline.json, written only when no other
 process used the CPU (the load average and the busy share are printed first). ``--tiny`` runs the same code
@@ -201,23 +201,10 @@ def _print_table(medians: dict, ratios: dict, diffs: dict) -> None:
         print(f"{mode} pixels max abs diff diffusers vs ldmkit {diff:.2e}")
 
 
-HEADLINE = {
-    "ldmkit": """
-import sys, time
-import torch
-torch.set_num_threads(1)
-from ldmkit import DiffusionPipeline
-from ldmkit.pipelines.presets import apply_preset, get_preset, pick_dtype
-start = time.perf_counter()
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=pick_dtype(get_preset("fast").dtype,
-                                                                             torch.device("cpu")))
-kw = apply_preset(pipe, "fast")
-pipe.set_progress_bar_config(disable=True)
-loaded = time.perf_counter()
-image = pipe(["w1 w2 w3 w4"], guidance_scale=6.0, generator=torch.Generator().manual_seed(0), **kw).images[0]
-""",
-    "diffusers": """
-import sys, time
+# diffusers' seed call, as a script; ldmkit's side is its command line itself (``ldmkit txt2img --fast``), so the
+# headline is what a user of the terminal waits for: interpreter start, imports, loading, the image, the PNG.
+DIFFUSERS_HEADLINE = """
+import json, sys, time
 import torch
 torch.set_num_threads(1)
 from diffusers import DiffusionPipeline
@@ -227,39 +214,59 @@ pipe.set_progress_bar_config(disable=True)
 loaded = time.perf_counter()
 kw = dict(num_inference_steps=50, guidance_scale=6.0, eta=0.3)
 image = pipe(["w1 w2 w3 w4"], generator=torch.Generator().manual_seed(0), **kw).images[0]
-""",
-}
-HEADLINE_END = """
-import json
 print(json.dumps({"load_s": loaded - start, "call_s": time.perf_counter() - loaded, "dtype": str(pipe.unet.dtype),
                   "steps": kw["num_inference_steps"], "image_size": list(image.size)}))
 """
 
 
+def _headline_command(lib: str, folder: Path, out: Path) -> list[str]:
+    if lib == "diffusers":
+        return [sys.executable, "-c", DIFFUSERS_HEADLINE, str(folder)]
+    return [sys.executable, "-m", "ldmkit", "txt2img", PROMPT[0], "--model", str(folder), "--fast", "--seed", "0",
+            "--guidance", "6", "--quiet", "--force", "-o", str(out)]
+
+
+def _headline_report(lib: str, out: str) -> dict:
+    if lib == "diffusers":
+        return json.loads(out.strip().splitlines()[-1])
+    import PIL.Image
+
+    from ldmkit.cli import read_png_metadata  # the PNG ldmkit wrote records how it was made
+
+    path = out.strip().splitlines()[-1]
+    meta = read_png_metadata(path)
+    with PIL.Image.open(path) as im:
+        size = list(im.size)
+    return {"dtype": str(meta["dtype"]), "steps": meta["steps"], "image_size": size, "command": "ldmkit txt2img --fast"}
+
+
 def headline(folder: Path, rounds: int) -> dict:
-    """Whole-process seconds (measured from outside) and peak RSS to one image: ldmkit --fast vs the seed."""
+    """Whole-process seconds (measured from outside) and peak RSS to one image: ``ldmkit txt2img --fast``
+    against diffusers' seed call (fp32, 50 DDIM steps, guidance 6, eta 0.3)."""
     runs: dict[str, list[dict]] = {"diffusers": [], "ldmkit": []}
-    for _ in range(rounds):
-        for lib in runs:
-            start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", HEADLINE[lib] + HEADLINE_END, str(folder)],
-                                    env=worker_env(), stdout=subprocess.PIPE, text=True)
-            out, peak = peak_rss_of_process(proc)
-            wall = time.perf_counter() - start
-            if proc.returncode:
-                raise SystemExit(f"the {lib} headline process failed ({proc.returncode})")
-            report = json.loads(out.strip().splitlines()[-1])
-            runs[lib].append({**report, "process_s": wall, "peak_rss_gib": peak / 2**30})
-    med = {lib: {k: statistics.median(r[k] for r in rs) for k in ("process_s", "load_s", "call_s", "peak_rss_gib")}
-           | {"dtype": rs[0]["dtype"], "steps": rs[0]["steps"]} for lib, rs in runs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for lib in runs:
+                start = time.perf_counter()
+                proc = subprocess.Popen(_headline_command(lib, folder, Path(tmp)), env=worker_env(),
+                                        stdout=subprocess.PIPE, text=True)
+                out, peak = peak_rss_of_process(proc)
+                wall = time.perf_counter() - start
+                if proc.returncode:
+                    raise SystemExit(f"the {lib} headline process failed ({proc.returncode})")
+                runs[lib].append({**_headline_report(lib, out), "process_s": wall, "peak_rss_gib": peak / 2**30})
+    med = {lib: {k: statistics.median(r[k] for r in rs) for k in ("process_s", "load_s", "call_s", "peak_rss_gib")
+                 if k in rs[0]} | {"dtype": rs[0]["dtype"], "steps": rs[0]["steps"]} for lib, rs in runs.items()}
     result = {"rounds": rounds, "threads": 1, "medians": med, "runs": runs,
               "speedup_whole_process": med["diffusers"]["process_s"] / med["ldmkit"]["process_s"],
               "peak_rss_ldmkit_over_diffusers": med["ldmkit"]["peak_rss_gib"] / med["diffusers"]["peak_rss_gib"]}
     for lib, m in med.items():
-        print(f"headline {lib:9s} {m['dtype']} {m['steps']} steps: process {m['process_s']:.2f} s "
-              f"(load {m['load_s']:.2f}, call {m['call_s']:.2f}), peak RSS {m['peak_rss_gib']:.2f} GiB")
-    print(f"headline: diffusers' seed call / ldmkit --fast, whole process: {result['speedup_whole_process']:.2f}x; "
-          f"peak RSS ldmkit / diffusers {result['peak_rss_ldmkit_over_diffusers']:.2f}")
+        split = f" (load {m['load_s']:.2f}, call {m['call_s']:.2f})" if "load_s" in m else ""
+        print(f"headline {lib:9s} {m['dtype']} {m['steps']} steps: process {m['process_s']:.2f} s{split}, "
+              f"peak RSS {m['peak_rss_gib']:.2f} GiB")
+    print(f"headline: diffusers' seed call / ldmkit txt2img --fast, whole process: "
+          f"{result['speedup_whole_process']:.2f}x; peak RSS ldmkit / diffusers "
+          f"{result['peak_rss_ldmkit_over_diffusers']:.2f}")
     return result
 
 

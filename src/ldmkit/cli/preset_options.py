@@ -76,11 +76,12 @@ def upscale_preset(args, preset: Preset) -> Preset:
     return replace(preset, dtype=dtype, sampler=base.sampler, num_inference_steps=steps, guidance_interval=None)
 
 
-def preset_metadata(pipe, preset: Preset) -> dict:
+def preset_metadata(pipe, preset: Preset, other_dtypes: dict | None = None) -> dict:
     """What a PNG records of the preset: its name, the dtypes the networks ran in (not "auto": another machine
-    may pick another), the sampler (None: the model's own), the steps and the fast-path settings."""
+    may pick another; ``other_dtypes``: those of networks the run freed, as ``dtype_names``), the sampler
+    (None: the model's own), the steps and the fast-path settings."""
     interval = preset.guidance_interval
-    return {"preset": preset.name, "dtype": dtype_names(pipe), "scheduler": preset.sampler,
+    return {"preset": preset.name, "dtype": dtype_names(pipe, other_dtypes), "scheduler": preset.sampler,
             "steps": preset.num_inference_steps, "cache_interval": preset.cache_interval,
             "cache_schedule": preset.cache_schedule, "guidance_interval": None if interval is None else list(interval)}
 

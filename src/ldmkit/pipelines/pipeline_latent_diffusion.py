@@ -61,6 +61,9 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
     the name), ``bert`` (LDMBertModel), ``tokenizer``, ``unet`` (UNet2DConditionModel), ``scheduler``.
     """
 
+    # What encodes prompts and nothing else: pipelines.staged loads these alone, encodes, and frees them.
+    text_components = ("bert", "tokenizer")
+
     def __init__(self, vqvae: AutoencoderKL | VQModel, bert: LDMBertModel, tokenizer, unet: UNet2DConditionModel,
                  scheduler):
         super().__init__(vqvae=vqvae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
@@ -76,6 +79,10 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
         return self.bert.config.max_position_embeddings
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.bert is None or self.tokenizer is None:
+            raise LDMKitError("This pipeline was loaded without its text encoder (bert=None or tokenizer=None), so "
+                              "it cannot encode prompts: pass prompt_embeds= (and negative_prompt_embeds=), or "
+                              "load it with its bert and tokenizer.")
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt")
         return self.bert(tokens.input_ids.to(self.bert.device))[0]
@@ -113,11 +120,12 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
             cond = prompt_embeds if prompt_embeds is not None else encoded[:batch]
         if need_uncond:
             uncond = negative_prompt_embeds if negative_prompt_embeds is not None else encoded[-batch:]
+        width = None if self.unet is None else self.unet.config.cross_attention_dim  # None: encoding alone
         for name, emb in (("prompt_embeds", cond), ("negative_prompt_embeds", uncond)):
             if emb is not None and (emb.ndim != 3 or emb.shape[0] != batch
-                                    or emb.shape[-1] != self.unet.config.cross_attention_dim):
+                                    or (width is not None and emb.shape[-1] != width)):
                 raise LDMKitError(f"{name} has shape {tuple(emb.shape)}; expected ({batch}, tokens, "
-                                  f"{self.unet.config.cross_attention_dim}).")
+                                  f"{width}).")
         if cond is not None and uncond is not None and cond.shape != uncond.shape:
             raise LDMKitError(f"prompt_embeds {tuple(cond.shape)} and negative_prompt_embeds "
                               f"{tuple(uncond.shape)} must have the same shape.")

@@ -136,10 +136,11 @@ def load_pipeline(name_or_path, device: torch.device, dtype: str | dict) -> Diff
     return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, device_map=device)
 
 
-def dtype_names(pipe) -> str | dict:
-    """The dtypes ``pipe``'s networks run in, as names: one when they agree, else one per component (what
-    ``load_pipeline`` takes back, to replay a run)."""
+def dtype_names(pipe, others: dict[str, torch.dtype] | None = None) -> str | dict:
+    """The dtypes ``pipe``'s networks (and ``others``: networks of the run that ``pipe`` no longer holds, as the
+    text encoder of ``staged.encode_then_load``) run in, as names: one when they agree, else one per component
+    (what ``load_pipeline`` takes back, to replay a run)."""
     short = {v: k for k, v in DTYPE_NAMES.items()}
-    names = {name: short.get(c.dtype, str(c.dtype).replace("torch.", "")) for name, c in pipe.components.items()
-             if isinstance(c, torch.nn.Module)}
+    dtypes = {name: c.dtype for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    names = {name: short.get(d, str(d).replace("torch.", "")) for name, d in {**dtypes, **(others or {})}.items()}
     return names.popitem()[1] if len(set(names.values())) == 1 else names
