@@ -2,7 +2,7 @@
 
 Run by hand on a quiet machine (benchmarks/quiet_run.sh runs it with the issue 12 settings):
     python benchmarks/bench_text2img.py [--modes fp32 bf16 fast] [--steps 2] [--repeats 3] [--rounds 2]
-                                        [--headline-rounds 1] [--no-headline] [--tiny]
+                                        [--headline-rounds 1] [--no-headline | --headline-only] [--tiny]
 The folder (published shapes, random weights, the published DDIM config) is built once with diffusers'
 classes and saved with its save_pretrained (``--folder``, default /tmp/ldmkit-bench/ldm-text2im-large-256).
 Every measurement runs in a fresh one-thread process that loads the folder with its library's own
@@ -278,6 +278,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--headline-rounds", type=int, default=1)
     parser.add_argument("--no-headline", action="store_true")
+    parser.add_argument("--headline-only", action="store_true", help="the headline alone (text2img-modes.json kept)")
     parser.add_argument("--tiny", action="store_true", help="a small layout, nothing written (a smoke test)")
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--worker", nargs=6, metavar=("LIB", "MODE", "FOLDER", "STEPS", "REPEATS", "IMAGE_OUT"))
@@ -290,12 +291,13 @@ def main():
     folder = build_folder(args.folder or Path(f"/tmp/ldmkit-bench/ldm-text2im-{'tiny' if args.tiny else 'large-256'}"),
                           layout)
     busy = announce()
-    modes = compare(folder, args)
+    modes = None if args.headline_only else compare(folder, args)
     top = None if args.no_headline else headline(folder, args.headline_rounds)
     if args.tiny:
         print("--tiny: a smoke run, no results written")
         return
-    write_result("text2img-modes", {"layout": "ldm-text2im-large-256 (random weights)", **modes}, busy)
+    if modes is not None:
+        write_result("text2img-modes", {"layout": "ldm-text2im-large-256 (random weights)", **modes}, busy)
     if top is not None:
         write_result("text2img-headline", {"layout": "ldm-text2im-large-256 (random weights)", **top}, busy)
 

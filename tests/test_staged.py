@@ -1,4 +1,4 @@
-"""Text first, then the image networks (pipelines/staged.py, what ``ldmkit txt2img`` loads with): the same
+"""Text first, then the image networks (assembly/staged.py, what ``ldmkit txt2img`` loads with): the same
 pixels as the whole pipeline, the text encoder gone before the UNet loads, and a clear error where a pipeline
 without its text encoder is asked to encode."""
 
@@ -13,10 +13,10 @@ import torch
 
 from ldmkit import DiffusionPipeline, LDMKitError
 from ldmkit.assembly import pretrained
+from ldmkit.assembly.staged import encode_then_load
 from ldmkit.cli import main
 from ldmkit.models import LDMBertModel
 from ldmkit.pipelines.presets import dtype_names
-from ldmkit.pipelines.staged import encode_then_load
 
 CPU = torch.device("cpu")
 

@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 from .. import __version__
+from ..assembly.staged import encode_then_load
 from ..errors import LDMKitError
 from ..io import atomic_path, parse_json_object
 from ..loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
@@ -22,7 +23,6 @@ from ..loading.diffusers_layout import resolve_pipeline_folder
 from ..pipelines import DiffusionPipeline
 from ..pipelines.presets import apply_preset, pick_device, set_sampler
 from ..pipelines.presets import load_pipeline as load_preset_pipeline
-from ..pipelines.staged import encode_then_load
 from ..utils import make_image_grid
 from .preset_options import PRESET_KEYS, add_preset_options, preset_metadata, restore_preset, run_preset, upscale_preset
 

@@ -61,7 +61,7 @@ class LDMTextToImagePipeline(DiffusionPipeline, compvis_family="text-to-image"):
     the name), ``bert`` (LDMBertModel), ``tokenizer``, ``unet`` (UNet2DConditionModel), ``scheduler``.
     """
 
-    # What encodes prompts and nothing else: pipelines.staged loads these alone, encodes, and frees them.
+    # What encodes prompts and nothing else: assembly.staged loads these alone, encodes, and frees them.
     text_components = ("bert", "tokenizer")
 
     def __init__(self, vqvae: AutoencoderKL | VQModel, bert: LDMBertModel, tokenizer, unet: UNet2DConditionModel,

@@ -15,15 +15,14 @@ import gc
 
 import torch
 
-from .denoising import Guidance
-from .pipeline_utils import DiffusionPipeline
+from ..loading.diffusers_layout import resolve_pipeline_folder
+from ..pipelines.denoising import Guidance
+from ..pipelines.pipeline_utils import DiffusionPipeline
+from .pretrained import pipeline_class
 
 
 def pipeline_class_of(name_or_path) -> type[DiffusionPipeline]:
     """The pipeline class ``name_or_path`` holds, from its model_index.json alone (no weights are read)."""
-    from ..assembly.pretrained import pipeline_class
-    from ..loading.diffusers_layout import resolve_pipeline_folder
-
     folder, index = resolve_pipeline_folder(name_or_path)
     return pipeline_class(index.get("_class_name"), folder)
 
