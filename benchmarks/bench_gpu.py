@@ -92,7 +92,7 @@ def measure(args) -> dict:
     import ldmkit
     from ldmkit.pipelines.presets import apply_preset
 
-    folder = build_folder(args.folder)
+    folder = build_folder(args.folder, "full")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,
               "steps": args.steps}
     ref, result["diffusers_load_s"] = load(diffusers, folder, torch_dtype=torch.float16)

@@ -65,9 +65,15 @@ LAYOUTS = {
 
 
 def build_folder(folder: Path, layout: str) -> Path:
-    """The layout's shapes with random weights, saved by diffusers."""
-    if (folder / "model_index.json").is_file():
-        return folder
+    """The layout's shapes with random weights, saved by diffusers, in a child process: on Linux a child's
+    peak RSS (``wait4``) starts at its parent's high-water mark, which building the full-size model in this
+    process would raise to ~6 GiB for every measured child after it."""
+    if not (folder / "model_index.json").is_file():
+        subprocess.run([sys.executable, __file__, "--build", layout, str(folder)], env=worker_env(), check=True)
+    return folder
+
+
+def _build(folder: Path, layout: str) -> None:
     import diffusers
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
     from transformers import BertTokenizer
@@ -90,7 +96,6 @@ def build_folder(folder: Path, layout: str) -> Path:
         pipe = diffusers.LDMTextToImagePipeline(vqvae=vae, bert=bert, unet=unet, tokenizer=BertTokenizer(str(vocab)),
                                                 scheduler=diffusers.DDIMScheduler(**SCHEDULER))
         pipe.save_pretrained(folder)
-    return folder
 
 
 def load(lib_name: str, mode: str, folder: str):
@@ -282,7 +287,10 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="a small layout, nothing written (a smoke test)")
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--worker", nargs=6, metavar=("LIB", "MODE", "FOLDER", "STEPS", "REPEATS", "IMAGE_OUT"))
+    parser.add_argument("--build", nargs=2, metavar=("LAYOUT", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        return _build(Path(args.build[1]), args.build[0])
     if args.worker:
         lib, mode, folder, steps, repeats, image_out = args.worker
         print(json.dumps(worker(lib, mode, folder, int(steps), int(repeats), image_out)))

@@ -89,9 +89,19 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss() - self.base)
 
 
+def own_peak_rss() -> int:
+    """This process's peak resident set in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def peak_rss_of_process(proc: subprocess.Popen) -> tuple[str, int]:
     """(its stdout, its peak resident set in bytes) of a child started with ``stdout=PIPE``, once it exits
-    (``proc.returncode`` is set)."""
+    (``proc.returncode`` is set). Linux keeps the high-water mark across fork and exec, so a child's figure is
+    at least its parent's peak: refuse when that floor is not small against what is measured."""
+    if own_peak_rss() > 2**30:
+        raise SystemExit(f"this process peaked at {own_peak_rss() / 2**30:.2f} GiB, which its children's peak RSS "
+                         "would inherit: load models in child processes only")
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

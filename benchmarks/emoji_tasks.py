@@ -31,6 +31,19 @@ def _pipe(name: str):
     return pipe
 
 
+def _preset_pipe(args):
+    """(pipeline, call keywords): the model's own scheduler at --steps in fp32, or with --preset what the CLI
+    runs (the preset's dtype, sampler, step count and feature cache)."""
+    if args.preset is None:
+        return _pipe(args.model), {"num_inference_steps": args.steps, "eta": args.eta}
+    from ldmkit.pipelines.presets import apply_preset, get_preset, load_pipeline
+
+    preset = get_preset(args.preset)
+    pipe = load_pipeline(args.model, torch.device("cpu"), preset.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {"num_inference_steps": args.steps, "eta": args.eta, **apply_preset(pipe, preset)}
+
+
 def nearest(queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance, index) of each query's nearest gallery image, as root mean squared pixel distance."""
     d = torch.cdist(queries.flatten(1).double(), gallery.flatten(1).double()) / queries[0].numel() ** 0.5
@@ -138,13 +151,13 @@ def bench_inpaint(args) -> dict:
     test = read_split(Path(args.data) / "test")
     originals = [np.asarray(PIL.Image.open(p).convert("RGB")) for p, _ in test]
     masks = seeded_masks(args.seed, len(test), 32).numpy() > 0.5  # (N, 1, 32, 32), True = the hole
-    pipe = _pipe(args.model)
+    pipe, call = _preset_pipe(args)
     outputs, start = [], time.perf_counter()
     for k in range(0, len(test), args.batch):
         ims = [PIL.Image.fromarray(o) for o in originals[k:k + args.batch]]
         ms = [PIL.Image.fromarray((m[0] * 255).astype(np.uint8)) for m in masks[k:k + args.batch]]
-        outputs += pipe(image=ims, mask_image=ms, num_inference_steps=args.steps, eta=args.eta,
-                        generator=_generators(range(args.seed + k, args.seed + k + len(ims)))).images
+        outputs += pipe(image=ims, mask_image=ms, generator=_generators(range(args.seed + k, args.seed + k + len(ims))),
+                        **call).images
     seconds = time.perf_counter() - start
     scores: dict[str, list[float]] = {"model": []}
     for original, out, mask in zip(originals, outputs, masks):
@@ -158,8 +171,8 @@ def bench_inpaint(args) -> dict:
                           outputs[i], PIL.Image.fromarray(originals[i])]) for i in range(min(args.grid, len(test)))]
     DOCS.mkdir(exist_ok=True)
     caption_sheet(rows, cell=64, columns=4).save(DOCS / "emoji-inpaint.png")
-    return {"model": args.model, "images": len(test), "steps": args.steps, "eta": args.eta, "seconds": seconds,
-            "hole_psnr": means, "gain_over_best_baseline_db": means["model"] - best_baseline,
+    return {"model": args.model, "images": len(test), "preset": args.preset, "steps": call["num_inference_steps"],
+            "eta": args.eta, "dtype": str(pipe.unet.dtype), "seconds": seconds, "hole_psnr": means, "gain_over_best_baseline_db": means["model"] - best_baseline,
             "hole_fraction_mean": float(masks.mean())}
 
 
@@ -179,6 +192,9 @@ def add_parsers(sub, root: Path) -> None:
         p.add_argument("--out", default=str(root / "benchmarks" / "results" / f"emoji-{task}.json"))
         if "n" in extra:
             p.add_argument("--n", type=int, default=extra["n"])
+        if task == "inpaint":
+            p.add_argument("--preset", choices=["exact", "fast"], help="the CLI's preset (dtype, sampler, steps, "
+                           "cache) instead of the model's scheduler at --steps in fp32")
         if "per_class" in extra:
             p.add_argument("--per-class", dest="per_class", type=int, default=extra["per_class"])
             p.add_argument("--guidance", type=float, default=3.0)

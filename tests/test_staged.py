@@ -5,6 +5,7 @@ without its text encoder is asked to encode."""
 from __future__ import annotations
 
 import gc
+import weakref
 
 import numpy as np
 import PIL.Image
@@ -41,20 +42,25 @@ def test_staged_gives_the_whole_pipelines_pixels(tiny_text2img_dir, guidance, ne
 
 
 def test_the_text_encoder_is_freed_before_the_unet_loads(tiny_text2img_dir, monkeypatch):
-    alive_at_unet = []
+    alive_at_unet, bert_weights = [], []
     load = pretrained.load_component
 
     def watched(folder, name, *args):
         if name == "unet":
             gc.collect()
             alive_at_unet.append(sum(isinstance(o, LDMBertModel) for o in gc.get_objects()))
-        return load(folder, name, *args)
+            alive_at_unet.append([w() is not None for w in bert_weights])
+        component = load(folder, name, *args)
+        if name == "bert":  # its weights, not only the module: a graph from the embeddings would hold them
+            bert_weights.extend(weakref.ref(p) for p in component.parameters())
+        return component
 
     monkeypatch.setattr(pretrained, "load_component", watched)
     gc.collect()
     before = sum(isinstance(o, LDMBertModel) for o in gc.get_objects())
     pipe, texts, _ = encode_then_load(tiny_text2img_dir, CPU, torch.float32, "a red square", None, 6.0)
-    assert alive_at_unet == [before]  # the UNet loaded once, with no new LDMBert alive
+    assert alive_at_unet == [before, [False] * len(bert_weights)] and bert_weights  # none alive at the UNet
+    assert not texts["prompt_embeds"].requires_grad
     assert pipe.unet is not None and texts["prompt_embeds"].shape[0] == 1
 
 

@@ -44,8 +44,9 @@ def encode_then_load(name_or_path, device: torch.device, dtype, prompt: str | li
         name_or_path, torch_dtype=dtype, device_map=device,
         **{name: None for name in cls.component_names() if name not in text})
     guidance = Guidance(guidance_scale)
-    cond, uncond = encoder.encode_prompt(prompt, negative_prompt=negative_prompt, need_uncond=guidance.need_uncond,
-                                         need_cond=guidance.need_cond)
+    with torch.no_grad():  # embeddings with a grad_fn would keep the whole encoder alive through its graph
+        cond, uncond = encoder.encode_prompt(prompt, negative_prompt=negative_prompt,
+                                             need_uncond=guidance.need_uncond, need_cond=guidance.need_cond)
     if cond is None:  # guidance 0 reads only the unconditional text, but the call needs prompt_embeds in the
         cond = uncond  # prompt's place (its batch size); these are never read
     dtypes = {name: c.dtype for name, c in encoder.components.items() if isinstance(c, torch.nn.Module)}
