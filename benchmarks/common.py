@@ -36,11 +36,24 @@ def cpu_busy_fraction(seconds: float = 2.0) -> float:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has native bf16 (what ``dtype="auto"`` looks for): timings of one
+    machine do not carry over to another (an AMD EPYC here ran diffusers' fp32 call 1.6x slower than the
+    earlier Intel machine, and bf16 gained less)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in info]
+    return " ".join([name or platform.processor(), *flags])
+
+
 def machine() -> dict:
     import torch
 
     return {"load_average": Path("/proc/loadavg").read_text().split()[:3], "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "processor": platform.processor()}
+            "torch": torch.__version__, "python": platform.python_version(), "processor": cpu_model()}
 
 
 class PeakRSS:
