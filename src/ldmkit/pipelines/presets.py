@@ -62,9 +62,9 @@ PRESETS = {
     # (uniform: the quadratic placement measured worse) and guidance only below sigma 5 (Kynkaenniemi et al.,
     # 2024): top-1 91 % / top-5 97 %, the same as exact 50-step DDIM, at 21 full UNet rows per image against
     # 100; RMS pixel distance to a 250-step reference 0.012 (exact DDIM-50: 0.005; this at 20 steps: 0.009).
-    # Fewer steps lose quality (10: RMS 0.017, top-1 92 / top-5 96) for less than the 10x target needs: one
-    # image, whole process, one core, is 7.9-9.2x diffusers' seed call on the full-size layout depending on the
-    # CPU (benchmarks/bench_text2img.py). --steps 20 buys the last bit of fidelity.
+    # 10 steps keep the retrieval (top-1 92 / top-5 96) but drift further (RMS 0.017), and save too little to
+    # reach the 10x target either: one image, whole process, one core, is 7.9-9.2x diffusers' seed call on the
+    # full-size layout depending on the CPU (benchmarks/bench_text2img.py). --steps 20 buys more fidelity.
     "fast": Preset("fast", dtype="auto", sampler="dpm++2m-karras", num_inference_steps=12, cache_interval=2,
                    cache_schedule="uniform", guidance_interval=(0.0, 5.0)),
 }
