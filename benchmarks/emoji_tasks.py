@@ -172,8 +172,8 @@ def bench_inpaint(args) -> dict:
     DOCS.mkdir(exist_ok=True)
     caption_sheet(rows, cell=64, columns=4).save(DOCS / "emoji-inpaint.png")
     return {"model": args.model, "images": len(test), "preset": args.preset, "steps": call["num_inference_steps"],
-            "eta": args.eta, "dtype": str(pipe.unet.dtype), "seconds": seconds, "hole_psnr": means, "gain_over_best_baseline_db": means["model"] - best_baseline,
-            "hole_fraction_mean": float(masks.mean())}
+            "eta": args.eta, "dtype": str(pipe.unet.dtype), "seconds": seconds, "hole_psnr": means,
+            "gain_over_best_baseline_db": means["model"] - best_baseline, "hole_fraction_mean": float(masks.mean())}
 
 
 def add_parsers(sub, root: Path) -> None:
