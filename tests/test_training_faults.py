@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ldmkit.errors import LDMKitError
+from ldmkit.io import Terminated
 from ldmkit.tokenizer import LDMTokenizer
 from ldmkit.training import build_recipe, latent_cache, train_ldm
 from ldmkit.training import checkpoints as ckpt
@@ -117,6 +118,30 @@ class FullDisk:
 
         def flush(self):
             self.f.flush()
+
+
+class SignalMidWrite(FullDisk):
+    """torch.save interrupted by a signal's exception (a second Ctrl-C or SIGTERM) once ``free`` bytes are out."""
+
+    def __init__(self, monkeypatch, free: int, exc: BaseException):
+        super().__init__(monkeypatch, free)
+        self.exc = exc
+
+    class _Writer(FullDisk._Writer):
+        def write(self, data):
+            if len(bytes(data)) > self.disk.free:
+                raise self.disk.exc
+            return super().write(data)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), Terminated(signal.SIGTERM)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_in_the_middle_of_a_torch_save_is_raised_as_itself(tmp_path, monkeypatch, exc):
+    """torch's zip writer raises "unexpected pos" while unwinding; that must not turn a second signal into a
+    crash (exit status 1 instead of 130 / 143, seen in CI)."""
+    SignalMidWrite(monkeypatch, free=3000, exc=exc)
+    with pytest.raises(type(exc)):
+        ckpt._save(tmp_path / "rng.pt", {"state": torch.arange(4000)})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_to_do(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import LDMKitError
-from ..io import atomic_path, atomic_write_text
+from ..io import Terminated, atomic_path, atomic_write_text
 from . import faults, manifest
 
 logger = logging.getLogger("ldmkit.training")
@@ -238,12 +238,14 @@ def _save(path: Path, obj) -> None:
 def _torch_save(obj, f) -> None:
     """torch.save into a Python file object, so that a failed write is the OSError (ENOSPC, ...) that says
     why: to a path, torch writes with C++ streams and reports a full disk as "unexpected pos"; to a file
-    object, its zip writer still raises that RuntimeError while unwinding, with the OSError as its context."""
+    object, its zip writer still raises that RuntimeError while unwinding, with the OSError as its context.
+    The same unwinding error would hide a second Ctrl-C or SIGTERM raised mid-write (exit status 1 instead
+    of 130 / 143), so a KeyboardInterrupt or Terminated found in the context is re-raised too."""
     try:
         torch.save(obj, f)
     except RuntimeError as e:
         cause = e.__context__
-        while cause is not None and not isinstance(cause, OSError):
+        while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt, Terminated)):
             cause = cause.__context__
         if cause is None:
             raise
