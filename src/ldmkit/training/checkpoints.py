@@ -220,6 +220,13 @@ def prune(output_dir: Path, keep_last: int, step: int) -> None:
 def remove_partials(output_dir: Path) -> None:
     """Tidy what a run killed while writing a checkpoint left: partial folders are removed, and a checkpoint
     set aside to be replaced (:func:`faults.commit_folder`) is put back if its replacement never arrived."""
+    # A SIGKILL mid-write leaves atomic_path's / atomic_folder's temporary (".loss.png.x1y2.tmp") behind:
+    # nothing else writes in a run's folder, so any left when a run starts is garbage.
+    for path in sorted(Path(output_dir).rglob(".*.tmp"), reverse=True) if Path(output_dir).is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     folder = Path(output_dir) / CHECKPOINTS
     if folder.is_dir():
         for path in folder.glob(".step-*.partial"):
