@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..errors import LDMKitError
+from .embeddings import lookup_table
 from .modeling_utils import ModelMixin
 
 
@@ -33,7 +33,7 @@ class ClassEmbedder(ModelMixin, library="ldmkit"):
             if len(set(class_names)) != len(class_names):
                 raise LDMKitError("ClassEmbedder: class_names has duplicates; each class needs its own name.")
         self.register_config(locals())
-        self.embedding = nn.Embedding(n_classes, embed_dim)
+        self.embedding = lookup_table(n_classes, embed_dim)
 
     @property
     def null_class(self) -> int:

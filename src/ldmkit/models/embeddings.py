@@ -11,6 +11,15 @@ from ..errors import LDMKitError
 from .resnet import get_activation
 
 
+def lookup_table(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """``nn.Embedding(num_embeddings, embedding_dim)``, without its random init when it is built on the meta
+    device to be loaded: ``normal_`` has no meta kernel, and its Python fallback imports ``torch._dynamo``,
+    1.5 s of every load of a model with an embedding. Elsewhere it is ``nn.Embedding`` as it is (same init,
+    same random stream)."""
+    weight = torch.empty(num_embeddings, embedding_dim)  # on the meta device inside ``torch.device("meta")``
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=weight if weight.is_meta else None)
+
+
 def timestep_embedding(
     timesteps: torch.Tensor,
     dim: int,

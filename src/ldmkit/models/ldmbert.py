@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import LDMKitError
 from ..outputs import BaseOutput
 from .checkpointing import Checkpointed
+from .embeddings import lookup_table
 from .modeling_utils import ModelMixin
 
 # The transformers release whose config.json layout we write; its LDMBert fields are unchanged since 4.21.
@@ -127,8 +128,8 @@ class LDMBertEncoder(Checkpointed, nn.Module):
     def __init__(self, vocab_size: int, max_positions: int, d_model: int, num_layers: int, layer_kwargs: dict,
                  dropout: float):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, d_model)
-        self.embed_positions = nn.Embedding(max_positions, d_model)
+        self.embed_tokens = lookup_table(vocab_size, d_model)
+        self.embed_positions = lookup_table(max_positions, d_model)
         self.layers = nn.ModuleList([LDMBertEncoderLayer(d_model, **layer_kwargs) for _ in range(num_layers)])
         self.layer_norm = nn.LayerNorm(d_model)
         self.dropout = dropout
@@ -200,7 +201,7 @@ class LDMBertModel(ModelMixin, library="latent_diffusion"):
 
     def _init_weights(self, module: nn.Module) -> None:
         # transformers' init for a model trained from scratch (a no-op on the meta device used for loading).
-        if isinstance(module, nn.Linear | nn.Embedding):
+        if isinstance(module, nn.Linear | nn.Embedding) and not module.weight.is_meta:
             module.weight.data.normal_(0.0, self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()

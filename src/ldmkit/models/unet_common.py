@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import LDMKitError
-from .embeddings import TimestepEmbedding, Timesteps, embed_time_and_class
+from .embeddings import TimestepEmbedding, Timesteps, embed_time_and_class, lookup_table
 from .resnet import get_activation
 
 
@@ -55,7 +55,7 @@ def build_stem(unet: nn.Module, in_channels: int, channels: int, flip_sin_to_cos
     unet.conv_in = nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)
     unet.time_proj = Timesteps(channels, flip_sin_to_cos, freq_shift)
     unet.time_embedding = TimestepEmbedding(channels, time_embed_dim, act_fn)
-    unet.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
+    unet.class_embedding = lookup_table(num_class_embeds, time_embed_dim) if num_class_embeds else None
     return time_embed_dim
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..outputs import BaseOutput
 from ..randomness import randn_tensor
+from .embeddings import lookup_table
 from .unet_2d_blocks import UNetMidBlock2D, build_down_blocks, build_up_blocks
 
 
@@ -152,7 +153,7 @@ class VectorQuantizer(nn.Module):
         self.vq_embed_dim = vq_embed_dim
         self.beta = beta
         self.legacy = legacy
-        self.embedding = nn.Embedding(n_e, vq_embed_dim)
+        self.embedding = lookup_table(n_e, vq_embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_e, 1.0 / n_e)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
