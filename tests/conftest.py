@@ -60,9 +60,17 @@ def no_network(monkeypatch):
     yield
 
 
+@pytest.fixture(scope="session")
+def _converted_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("converted-cache")
+
+
 @pytest.fixture(autouse=True)
-def _quiet_env(monkeypatch):
+def _quiet_env(monkeypatch, _converted_cache):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # The CLI and the server keep converted weights (ldmkit.loading.converted): in the session's folder, not
+    # the user's ~/.cache (subprocesses inherit it).
+    monkeypatch.setenv("LDMKIT_CONVERTED_CACHE", str(_converted_cache))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "false"))
 
 

@@ -50,7 +50,7 @@ def load_component(folder: Path, name: str, entry, options: LoadOptions, variant
     if issubclass(cls, ModelMixin):
         return cls.from_folder(sub, torch_dtype=options.dtype_for(name), variant=variant,
                                use_safetensors=options.use_safetensors, device=options.device,
-                               mmap=not options.disable_mmap)
+                               mmap=not options.disable_mmap, cache_converted=options.cache_converted)
     if hasattr(cls, "from_folder"):
         return cls.from_folder(sub)
     return cls.from_pretrained(sub)

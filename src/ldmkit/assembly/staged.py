@@ -28,20 +28,22 @@ def pipeline_class_of(name_or_path) -> type[DiffusionPipeline]:
 
 
 def encode_then_load(name_or_path, device: torch.device, dtype, prompt: str | list[str],
-                     negative_prompt: str | list[str] | None, guidance_scale: float
+                     negative_prompt: str | list[str] | None, guidance_scale: float, cache_converted: bool = False
                      ) -> tuple[DiffusionPipeline, dict, dict[str, torch.dtype]]:
     """Load the text components of ``name_or_path`` (in ``dtype``, onto ``device``), encode ``prompt`` and
     ``negative_prompt`` as the pipeline would for ``guidance_scale``, free them, then load the other
     components. Returns the pipeline (its text components None), the keywords that take the prompts' place in
     its call (``prompt_embeds``, ``negative_prompt_embeds``) and the text networks' dtypes (for the record of
-    the run). A pipeline without text components is loaded whole, and the keywords are the prompts."""
+    the run). A pipeline without text components is loaded whole, and the keywords are the prompts.
+    ``cache_converted`` as ``from_pretrained``'s."""
     cls = pipeline_class_of(name_or_path)
     text = tuple(getattr(cls, "text_components", ()))
     if not text:
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, device_map=device)
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, device_map=device,
+                                                cache_converted=cache_converted)
         return pipe, {"prompt": prompt, "negative_prompt": negative_prompt}, {}
     encoder = DiffusionPipeline.from_pretrained(
-        name_or_path, torch_dtype=dtype, device_map=device,
+        name_or_path, torch_dtype=dtype, device_map=device, cache_converted=cache_converted,
         **{name: None for name in cls.component_names() if name not in text})
     guidance = Guidance(guidance_scale)
     with torch.no_grad():  # embeddings with a grad_fn would keep the whole encoder alive through its graph
@@ -53,6 +55,6 @@ def encode_then_load(name_or_path, device: torch.device, dtype, prompt: str | li
     del encoder
     gc.collect()  # the encoder's weights go before the UNet's arrive
     pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, device_map=device,
-                                             **{name: None for name in text})
+                                             cache_converted=cache_converted, **{name: None for name in text})
     return pipe, {"prompt_embeds": cond, "negative_prompt_embeds": uncond}, dtypes
 

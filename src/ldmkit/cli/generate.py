@@ -171,7 +171,8 @@ def cmd_txt2img(args) -> int:
     preset = run_preset(args, default_steps=50)
     # The text encoder loads, encodes and goes before the UNet loads: the same pixels at a lower peak memory.
     pipe, texts, text_dtypes = encode_then_load(resolve_model(args.model), pick_device(args.device), preset.dtype,
-                                                args.prompt, args.negative_prompt, args.guidance)
+                                                args.prompt, args.negative_prompt, args.guidance,
+                                                cache_converted=True)  # as load_pipeline's (presets)
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
     result = pipe(**texts, guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width,

@@ -5,8 +5,9 @@ three kinds, and each gets what it means here:
 
 - options with a meaning for ldmkit: the dtype (``dtype``, or its older spelling ``torch_dtype``; for a
   pipeline also ``{"unet": torch.bfloat16, "default": torch.float32}``), ``variant``, ``use_safetensors``,
-  ``device_map``, ``low_cpu_mem_usage``, ``disable_mmap``, ``output_loading_info`` (models) and the Hub's
-  ``revision``, ``cache_dir``, ``local_files_only``, ``force_download``, ``token``, ``proxies``;
+  ``device_map``, ``low_cpu_mem_usage``, ``disable_mmap``, ``cache_converted`` (ldmkit's own),
+  ``output_loading_info`` (models) and the Hub's ``revision``, ``cache_dir``, ``local_files_only``,
+  ``force_download``, ``token``, ``proxies``;
 - diffusers features ldmkit does not have (``custom_pipeline``, ONNX, quantization, accelerate's offload
   options, ...): accepted at the value that means "off", an error saying why otherwise (:data:`UNSUPPORTED`);
 - anything else is a pipeline component passed by keyword, or an error naming the nearest valid keyword
@@ -25,8 +26,9 @@ import torch
 from ..errors import LDMKitError
 
 HUB_KEYS = ("revision", "cache_dir", "local_files_only", "force_download", "token", "proxies")
+# cache_converted is ldmkit's own (``ldmkit.loading.converted``); the others are diffusers'.
 COMMON_KEYS = ("dtype", "torch_dtype", "variant", "use_safetensors", "device_map", "low_cpu_mem_usage",
-               "disable_mmap", *HUB_KEYS)
+               "disable_mmap", "cache_converted", *HUB_KEYS)
 MODEL_KEYS = (*COMMON_KEYS, "output_loading_info")
 
 _NO_CODE = "ldmkit runs no code from repositories or diffusers' community folder; its pipelines are the LDM ones"
@@ -71,6 +73,7 @@ class LoadOptions:
     use_safetensors: bool | None = None
     device: torch.device | None = None
     disable_mmap: bool = False
+    cache_converted: bool = False
     output_loading_info: bool = False
     hub: dict = field(default_factory=dict)
 
@@ -221,6 +224,7 @@ def parse_load_kwargs(where: str, kwargs: dict, kind: str) -> tuple[LoadOptions,
         dtype=dtype, variant=variant, device=resolve_device_map(device_map, kind),
         use_safetensors=_flag(kwargs, "use_safetensors", None, (None, True, False), where),
         disable_mmap=_flag(kwargs, "disable_mmap", False, (True, False), where),
+        cache_converted=_flag(kwargs, "cache_converted", False, (True, False), where),
         output_loading_info=_flag(kwargs, "output_loading_info", False, (True, False), where),
         hub={k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs})
     assert not kwargs, f"keywords left unsorted: {sorted(kwargs)}"

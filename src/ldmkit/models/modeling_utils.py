@@ -14,6 +14,7 @@ from torch import nn
 from ..configuration import ConfigMixin, FrozenDict
 from ..errors import LDMKitError
 from ..hardware import auto_dtype, overflows_fp16, prefers_channels_last
+from ..loading.converted import ConvertedCache
 from ..loading.hub import resolve_folder
 from ..loading.hub_upload import push_saved, upload_after_save
 from ..loading.options import parse_load_kwargs
@@ -178,23 +179,34 @@ class ModelMixin(nn.Module, ConfigMixin):
         folder = resolve_folder(name_or_path, allow_patterns=options.weight_patterns(prefix), **options.hub)
         model = cls.from_folder(folder / subfolder if subfolder else folder, torch_dtype=options.dtype,
                                 variant=options.variant, use_safetensors=options.use_safetensors,
-                                device=options.device, mmap=not options.disable_mmap)
+                                device=options.device, mmap=not options.disable_mmap,
+                                cache_converted=options.cache_converted)
         if options.output_loading_info:
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
 
     @classmethod
     def from_folder(cls, folder: Path, torch_dtype=None, variant: str | None = None,
-                    use_safetensors: bool | None = None, device: torch.device | None = None, mmap: bool = True):
-        """Load from a local folder (the options as :meth:`from_pretrained`'s, already checked)."""
+                    use_safetensors: bool | None = None, device: torch.device | None = None, mmap: bool = True,
+                    cache_converted: bool = False):
+        """Load from a local folder (the options as :meth:`from_pretrained`'s, already checked).
+        ``cache_converted``: keep weights converted to another dtype on disk, and map them on the next load
+        instead of converting again (``ldmkit.loading.converted``)."""
         config = cls.load_config(folder)
         saved_class = config.get("_class_name")
         if saved_class is not None and saved_class != cls.__name__ and saved_class not in cls._compatible_classes():
             raise LDMKitError(f"{folder} holds a {saved_class}, not a {cls.__name__}. Load it with {saved_class}.")
         # "auto": for the device the weights go to; force_upcast counts at the class default when not saved
         torch_dtype = parse_dtype(torch_dtype, device, cls._with_defaults(config, "force_upcast"))
-        state = open_state_dict(find_weights(folder, cls.weights_stems, variant, use_safetensors), mmap=mmap)
-        model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder), device=device)
+        weights = find_weights(folder, cls.weights_stems, variant, use_safetensors)
+        state = open_state_dict(weights, mmap=mmap)
+        cache = ConvertedCache.for_load(weights, state, torch_dtype or torch.float32, device) \
+            if cache_converted and mmap else None
+        cached = cache.read() if cache is not None else None
+        model = cls.from_state_dict(config, state if cached is None else cached, torch_dtype=torch_dtype,
+                                    source=str(folder if cached is None else cache.path), device=device)
+        if cache is not None and cached is None:
+            cache.write(model.state_dict())
         return model if device is None else model.to(device)
 
     @classmethod

@@ -338,7 +338,9 @@ class DiffusionPipeline(MemoryMixin):
         ``torch_dtype``): a dtype, or per component ``{"unet": torch.bfloat16, "default": torch.float32}``;
         ``variant`` (loaded by the components that have it, as diffusers), ``use_safetensors``,
         ``device_map`` ("cpu", "cuda", or "balanced": the accelerator if there is one), ``low_cpu_mem_usage``,
-        ``disable_mmap``, and the Hub's ``force_download``, ``token``, ``proxies``. Other keywords are
+        ``disable_mmap``, and the Hub's ``force_download``, ``token``, ``proxies``; and ldmkit's
+        ``cache_converted=True``: weights converted to another dtype are kept on disk and mapped by the next
+        load instead of converted again (``ldmkit.loading.converted``). Other keywords are
         components, used as they are instead of being loaded (to share them).
         """
         return loader("from_pretrained")(cls, name_or_path, {

@@ -133,8 +133,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_pipeline(name_or_path, device: torch.device, dtype: str | dict) -> DiffusionPipeline:
     """Load straight onto ``device`` in ``dtype`` (a name as the CLI's --dtype, or one per component): "auto"
-    is decided per network, so an autoencoder that overflows float16 on a GPU gets bfloat16 or float32."""
-    return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, device_map=device)
+    is decided per network, so an autoencoder that overflows float16 on a GPU gets bfloat16 or float32.
+    Weights converted to another dtype are kept on disk and mapped by the next load
+    (``ldmkit.loading.converted``; ``LDMKIT_CONVERTED_CACHE=off`` turns that off)."""
+    return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype, device_map=device,
+                                             cache_converted=True)
 
 
 def dtype_names(pipe, others: dict[str, torch.dtype] | None = None) -> str | dict:
