@@ -14,15 +14,6 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
-def test_the_cli_imports_the_server_only_for_serve():
-    # FastAPI, uvicorn and Gradio cost 0.35 s of every `ldmkit txt2img` when they were imported at the top.
-    done = run_python("import sys; import ldmkit.cli; "
-                      "print(sorted(m for m in ('fastapi', 'uvicorn', 'gradio', 'ldmkit.serve.server') "
-                      "if m in sys.modules))")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
-
-
 def test_serve_without_the_extra_names_the_install_command():
     done = run_python("import sys; sys.modules['fastapi'] = None\n"
                       "from ldmkit.cli import main\n"

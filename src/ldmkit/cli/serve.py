@@ -10,6 +10,15 @@ from ..errors import LDMKitError
 from ..loading.bundled import DEFAULT_SUPERRES, DEFAULT_TEXT2IMG
 from ..serve.config import ServeConfig, api_key_from_env
 
+try:  # FastAPI, uvicorn and Gradio come with `pip install 'ldmkit[serve]'`; the rest of the CLI runs without
+    from ..serve.server import serve_forever
+except ImportError as e:
+    if e.name not in ("fastapi", "uvicorn", "starlette", "gradio", "multipart", "python_multipart"):
+        raise
+    serve_forever, MISSING = None, e.name
+else:
+    MISSING = None
+
 SERVE_EXAMPLES = """examples:
   ldmkit serve                                    # bundled models, offline, http://127.0.0.1:7860
   ldmkit serve --model ldmkit:emoji-text2img --model CompVis/ldm-super-resolution-4x-openimages --port 8000 \\
@@ -18,15 +27,8 @@ SERVE_EXAMPLES = """examples:
 
 
 def cmd_serve(args) -> int:
-    # Imported here, not at the top: FastAPI, uvicorn and Gradio take 0.35 s to import, which every other
-    # command would pay; they come with `pip install 'ldmkit[serve]'`, and the rest of the CLI runs without.
-    try:
-        from ..serve.server import serve_forever
-    except ImportError as e:
-        if e.name not in ("fastapi", "uvicorn", "starlette", "gradio", "multipart", "python_multipart"):
-            raise
-        raise LDMKitError(f"ldmkit serve needs the serve extra ({e.name} is missing): "
-                          "pip install 'ldmkit[serve]'.") from None
+    if serve_forever is None:
+        raise LDMKitError(f"ldmkit serve needs the serve extra ({MISSING} is missing): pip install 'ldmkit[serve]'.")
     logging.getLogger("ldmkit.serve").setLevel(logging.INFO)
     config = ServeConfig(models=args.model or [DEFAULT_TEXT2IMG, DEFAULT_SUPERRES], host=args.host, port=args.port,
                          api_key=api_key_from_env(args.api_key), preset="exact" if args.exact else "fast",
