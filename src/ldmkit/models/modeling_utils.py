@@ -21,6 +21,7 @@ from ..loading.options import parse_load_kwargs
 from ..loading.weights import LazyTensor, find_weights, open_state_dict, save_weights
 from ..registry import COMPONENTS
 from .checkpointing import checkpoint_call
+from .conv import set_conv_algorithm
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -128,6 +129,14 @@ class ModelMixin(nn.Module, ConfigMixin):
         for block in blocks:
             block.gradient_checkpointing = enable
             block._gradient_checkpointing_func = func
+
+    # ------------------------------------------------------------------------------------- convolutions
+    def set_conv_algorithm(self, algorithm: str) -> None:
+        """``"auto"`` (the default): float32 CPU inference runs each 3x3 convolution by the fastest exact
+        algorithm for its shape (im2col or Winograd F(2x2, 3x3), :mod:`ldmkit.models.conv`; outputs equal to
+        float rounding, Winograd layers keep a transformed copy of their weight). ``"direct"``: always
+        ``F.conv2d``, as diffusers, and the transformed weights are released."""
+        set_conv_algorithm(self, algorithm)
 
     # ------------------------------------------------------------------------------------------- config
     def register_config(self, init_locals: dict) -> None:

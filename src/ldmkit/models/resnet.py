@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LDMKitError
+from .conv import Conv2d
 
 # Names used in diffusers configs (``act_fn``) -> activation module.
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -61,7 +62,7 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = None
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, padding=1)
+            self.conv = Conv2d(channels, out_channels or channels, kernel_size=3, padding=1)
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None
                 ) -> torch.Tensor:
@@ -143,14 +144,14 @@ class ResnetBlock2D(nn.Module):
         self.scale_shift = time_embedding_norm == "scale_shift"
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         if temb_channels is not None:
             self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
         else:
             self.time_emb_proj = None
         self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.act = get_activation(act_fn)
         self.resample = None
         if up:

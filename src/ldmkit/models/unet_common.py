@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import LDMKitError
+from .conv import Conv2d
 from .embeddings import TimestepEmbedding, Timesteps, embed_time_and_class, lookup_table
 from .resnet import get_activation
 
@@ -52,7 +53,7 @@ def build_stem(unet: nn.Module, in_channels: int, channels: int, flip_sin_to_cos
     appendix B) and, with ``num_class_embeds``, a class embedding added to it. Returns the embedding width
     (``4 * channels`` unless ``time_embedding_dim``)."""
     time_embed_dim = time_embedding_dim or channels * 4
-    unet.conv_in = nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)
+    unet.conv_in = Conv2d(in_channels, channels, kernel_size=3, padding=1)
     unet.time_proj = Timesteps(channels, flip_sin_to_cos, freq_shift)
     unet.time_embedding = TimestepEmbedding(channels, time_embed_dim, act_fn)
     unet.class_embedding = lookup_table(num_class_embeds, time_embed_dim) if num_class_embeds else None
@@ -64,7 +65,7 @@ def build_head(unet: nn.Module, channels: int, out_channels: int, norm_num_group
     """Give ``unet`` its output head: ``GroupNorm -> activation -> 3x3 conv`` to ``out_channels``."""
     unet.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
     unet.conv_act = get_activation(act_fn)
-    unet.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+    unet.conv_out = Conv2d(channels, out_channels, kernel_size=3, padding=1)
 
 
 def denoise(unet: nn.Module, sample: torch.Tensor, timestep, class_labels, *context) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..outputs import BaseOutput
 from ..randomness import randn_tensor
+from .conv import Conv2d
 from .embeddings import lookup_table
 from .unet_2d_blocks import UNetMidBlock2D, build_down_blocks, build_up_blocks
 
@@ -31,7 +32,7 @@ class Encoder(nn.Module):
                  layers_per_block: int = 2, norm_num_groups: int = 32, act_fn: str = "silu",
                  double_z: bool = True, mid_block_add_attention: bool = True):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         # padding 0 + a one-pixel right/bottom pad: the original LDM encoder's downsampling.
         self.down_blocks = build_down_blocks(down_block_types, block_out_channels, num_layers=layers_per_block,
                                              downsample_padding=0, resnet_eps=1e-6, resnet_act_fn=act_fn,
@@ -40,7 +41,7 @@ class Encoder(nn.Module):
                                                 mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * out_channels if double_z else out_channels,
+        self.conv_out = Conv2d(block_out_channels[-1], 2 * out_channels if double_z else out_channels,
                                   kernel_size=3, padding=1)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ class Decoder(nn.Module):
                  layers_per_block: int = 2, norm_num_groups: int = 32, act_fn: str = "silu",
                  mid_block_add_attention: bool = True):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[-1], kernel_size=3, padding=1)
         self.mid_block = _autoencoder_mid_block(block_out_channels[-1], norm_num_groups, act_fn,
                                                 mid_block_add_attention)
         self.up_blocks = build_up_blocks(up_block_types, block_out_channels, skip_connections=False,
@@ -67,7 +68,7 @@ class Decoder(nn.Module):
                                          resnet_groups=norm_num_groups, temb_channels=None)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.mid_block(self.conv_in(sample))
