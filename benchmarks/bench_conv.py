@@ -65,6 +65,7 @@ def row(in_ch: int, out_ch: int, batch: int, size: int) -> dict:
 def main():
     torch.set_num_threads(1)
     busy = announce()
+    row(*UNET[0])  # a throwaway row: the process's first large allocations are slower (fresh pages)
     rows = [row(*shape) for shape in UNET + SWEEP]
     write_result("conv-algorithms", {"threads": 1, "dtype": "float32", "rows": rows}, busy)
 

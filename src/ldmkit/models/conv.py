@@ -35,11 +35,11 @@ _AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
 
 # Where each algorithm is faster than oneDNN's direct convolution (one thread, AVX-512; bench_conv.py).
 # T = batch * height * width, the pixels one call computes.
-IM2COL_MIN_WEIGHT = 4_000_000   # weights of >= 4 M elements (the UNet's 1280-channel layers) ...
+IM2COL_MIN_WEIGHT = 8_000_000   # weights of >= 8 M elements (the UNet's 1280-channel layers) ...
 IM2COL_MAX_PIXELS = 128         # ... on <= 128 pixels: 2.4x at 2x4x4, 1.35x at 2x8x8
 WINOGRAD_MIN_PIXELS = 128       # >= 512 input channels from 128 pixels on (1.2-2.1x);
-WINOGRAD_NARROW_CHANNELS = 256  # 256-511 channels only on 512-2048 pixels (1.1-1.3x; slower outside)
-WINOGRAD_NARROW_PIXELS = (512, 2048)
+WINOGRAD_NARROW_CHANNELS = 256  # 256-511 channels only on 512-4096 pixels (1.1-1.3x; slower outside)
+WINOGRAD_NARROW_PIXELS = (512, 4096)
 
 
 class Conv2d(nn.Conv2d):
