@@ -18,7 +18,7 @@ from ldmkit.training.data import ImageDataset, collate, scan_folder
 from ldmkit.training.masks import box_mask, random_mask, seeded_masks, step_masks
 from ldmkit.training.recipe import MaskConfig
 from ldmkit.training.step_random import StepRandom
-from training_utils import TRAIN_FAST, ldm_dict, toy_data
+from training_utils import TRAIN_FAST, final_weights, ldm_dict, toy_data
 
 # Training tests run on one torch thread (the shared fixture in conftest.py says why).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,7 +67,10 @@ def _recipe(toy, conditioning, steps, out=None, **extra):
     d["diffusion"] = {"prediction_type": "v_prediction"}
     d["train"]["ema"] = {"decay": 0.99}
     for key, value in extra.items():
-        d[key].update(value)
+        if isinstance(value, dict):
+            d[key].update(value)
+        else:
+            d[key] = value
     return build_recipe("ldm", d)
 
 
@@ -184,3 +187,25 @@ def test_emoji_recipes_fit_the_bundle_budget():
         assert unet.config.in_channels == channels
         total += sum(p.numel() for p in unet.parameters())
     assert total <= 25e6 / 2 - 3 * 0.93e6
+
+
+def test_init_from_fine_tunes_a_saved_pipeline(toy, tmp_path):
+    """``init_from`` starts the denoiser from an exported pipeline (here with a learning rate too small to move
+    it), and ``autoencoder:`` may name that pipeline instead of its vqvae/ folder; a recipe that builds another
+    network, or a folder that is not a pipeline, is refused with the fix."""
+    source = train_ldm(_recipe(toy, "inpaint", 6, out=tmp_path / "source", seed=1))  # other initial weights
+    tiny = {"lr": 1e-9, "warmup_steps": 0, "ema": {"enabled": False}}
+    tuned = train_ldm(_recipe(toy, "inpaint", 1, out=tmp_path / "tuned", init_from=str(source),
+                              autoencoder=str(source), train=tiny))
+    fresh = train_ldm(_recipe(toy, "inpaint", 1, out=tmp_path / "fresh", train=tiny))
+    before, after, scratch = (final_weights(f / "unet") for f in (source, tuned, fresh))
+    assert before.keys() == after.keys()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-6
+    assert max((scratch[k] - before[k]).abs().max().item() for k in before) > 1e-2
+    wider = _recipe(toy, "inpaint", 1, out=tmp_path / "wider", init_from=str(source),
+                    unet={"block_out_channels": [48, 48]})
+    with pytest.raises(LDMKitError, match=r"differs from the network.*block_out_channels: saved \[32, 32\], "
+                                          r"recipe \[48, 48\].*Make the recipe match"):
+        train_ldm(wider)
+    with pytest.raises(LDMKitError, match="not a saved pipeline folder.*bundled name"):
+        train_ldm(_recipe(toy, "inpaint", 1, out=tmp_path / "bad", init_from=str(source / "unet")))

@@ -7,6 +7,7 @@ latent and the mask (both in ldm_conditions.py); unconditional models get none."
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..configuration import read_json
 from ..errors import LDMKitError
+from ..loading.bundled import local_name
 from ..models import AutoencoderKL, ClassEmbedder, LDMBertModel, UNet2DConditionModel, UNet2DModel, VQModel
 from ..pipelines import (
     LDMClassConditionalPipeline,
@@ -63,10 +65,11 @@ def sampling_scheduler(cfg: DiffusionConfig) -> DDIMScheduler:
 
 
 def load_autoencoder(path: str) -> AutoencoderKL | VQModel:
-    folder = Path(path).expanduser()
+    folder = Path(local_name(path)).expanduser()
+    if (folder / "model_index.json").is_file() and (folder / "vqvae" / "config.json").is_file():
+        folder = folder / "vqvae"  # a pipeline (an exported LDM, a bundled model): its first stage
     if not (folder / "config.json").is_file():
-        hint = " (the 'final' folder of an autoencoder run)" if not (folder / "model_index.json").is_file() else (
-            f"; this is a pipeline folder, use {folder / 'vqvae'}")
+        hint = " (the 'final' folder of an autoencoder run)"
         raise LDMKitError(f"autoencoder: {folder} is not a saved autoencoder{hint}. Train one with "
                           "`ldmkit train autoencoder` and point `autoencoder:` at its output_dir/final.")
     name = read_json(folder / "config.json").get("_class_name")
@@ -74,6 +77,33 @@ def load_autoencoder(path: str) -> AutoencoderKL | VQModel:
     if name not in classes:
         raise LDMKitError(f"autoencoder: {folder} holds a {name}, not an AutoencoderKL or VQModel.")
     return classes[name].from_pretrained(folder)
+
+
+def init_denoiser(denoiser: Denoiser, source: str) -> None:
+    """Fine-tuning (``init_from``): copy the UNet, and the LDMBert or class embedder, of a saved pipeline into
+    the run's freshly built ones. The recipe must build the same networks: a different config is an error,
+    because equal shapes can still compute differently (``attention_head_dim`` changes the heads, not a shape)."""
+    folder = Path(local_name(source)).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise LDMKitError(f"init_from: {source} is not a saved pipeline folder (no model_index.json). Give a run's "
+                          "output_dir/final or a bundled name such as ldmkit:emoji-inpaint.")
+    parts = {"unet": denoiser.unet, "bert": denoiser.bert, "class_embedder": denoiser.embedder}
+    for name, module in parts.items():
+        if module is None:
+            continue
+        if not (folder / name / "config.json").is_file():
+            raise LDMKitError(f"init_from: {folder} has no {name}/, so it is not a pipeline of this recipe's "
+                              "conditioning; give a folder exported by a run with the same conditioning.")
+        saved = type(module).from_pretrained(folder / name)
+        ours = json.loads(json.dumps(dict(module.config)))
+        theirs = json.loads(json.dumps(dict(saved.config)))
+        differ = sorted(k for k in set(ours) | set(theirs) if not k.startswith("_") and ours.get(k) != theirs.get(k))
+        if differ:
+            detail = "; ".join(f"{k}: saved {theirs.get(k)!r}, recipe {ours.get(k)!r}" for k in differ)
+            raise LDMKitError(f"init_from: {folder / name} differs from the network this recipe builds ({detail}). "
+                              f"Make the recipe match {folder / name / 'config.json'}.")
+        module.load_state_dict(saved.state_dict())
+    logger.info("Starting from the weights of %s", folder)
 
 
 def latent_channels(ae) -> int:
@@ -192,6 +222,8 @@ class LDMTask(Task):
                                      class_names=self.class_names)
             logger.info("%d classes (+ the null class): %s", len(self.class_names), ", ".join(self.class_names))
         self.denoiser = Denoiser(build_unet(r, self.channels, self.latent_size), bert, embedder)
+        if r.init_from:
+            init_denoiser(self.denoiser, r.init_from)
         self.wrapped = {"denoiser": self.denoiser}
         self.noise_scheduler = DDPMScheduler(**schedule_config(r.diffusion))
         self.train_data = self._dataset()

@@ -188,6 +188,7 @@ class AutoencoderRecipe:
 class LDMRecipe:
     autoencoder: str                    # a folder written by the autoencoder run (save_pretrained)
     kind: Literal["ldm"] = "ldm"
+    init_from: str | None = None        # fine-tune: a pipeline folder or bundled name whose denoiser starts the run
     conditioning: Literal["text", "concat", "none", "class", "inpaint"] = "text"
     output_dir: str = ""
     seed: int = 0
